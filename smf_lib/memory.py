@@ -1,0 +1,84 @@
+"""A product-key memory layer (Lample et al. 2019, arXiv 1907.05242) with Memory+ gating (Berges et al. 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class SlotAccess:
+    """What one forward read: slot `indices` and softmax `weights`, both shaped (batch, seq, heads, topk)."""
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+
+class ProductKeyMemory(nn.Module):
+    """Product-key memory: `n_keys**2` value slots, exact top-k lookup over two sub-key tables per head.
+
+    Output is `scale * proj(values(topk(x)) * silu(gate(x)))`; with zero-initialised values it is exactly zero,
+    so adding the layer beside an MLP leaves a pretrained model's function unchanged.
+    """
+
+    def __init__(
+        self, dim: int, n_keys: int = 128, heads: int = 4, topk: int = 32, key_dim: int = 256,
+        value_dim: int | None = None, temperature: float = 0.1, qk_norm: bool = False, output_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if key_dim % 2:
+            raise ValueError(f"key_dim must be even (two sub-keys of key_dim/2), got {key_dim}.")
+        if not 1 <= topk <= n_keys:
+            raise ValueError(f"topk={topk} needs 1 <= topk <= n_keys={n_keys}: each sub-key table must hold topk candidates.")
+        if heads < 1 or temperature <= 0:
+            raise ValueError(f"heads must be >= 1 and temperature > 0, got heads={heads}, temperature={temperature}.")
+        self.dim, self.n_keys, self.heads, self.topk, self.key_dim = dim, n_keys, heads, topk, key_dim
+        self.value_dim = value_dim or dim
+        self.temperature, self.qk_norm = temperature, qk_norm
+        half = key_dim // 2
+        self.query = nn.Linear(dim, heads * key_dim)
+        self.keys = nn.Parameter(torch.randn(2, heads, n_keys, half) / half**0.5)
+        self.values = nn.EmbeddingBag(n_keys**2, self.value_dim, mode="sum")
+        nn.init.zeros_(self.values.weight)
+        self.gate = nn.Linear(dim, self.value_dim, bias=False)
+        self.proj = nn.Linear(self.value_dim, dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(float(output_scale)))
+        self.recording = False
+        self.last_access: SlotAccess | None = None
+
+    @property
+    def n_slots(self) -> int:
+        """Number of value slots (`n_keys**2`)."""
+        return self.n_keys**2
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k slots per head: `(scores, indices)`, each (tokens, heads, topk), scores descending."""
+        q = self.query(x).view(-1, self.heads, 2, self.key_dim // 2)
+        keys = self.keys
+        if self.qk_norm:
+            q, keys = F.normalize(q, dim=-1), F.normalize(keys, dim=-1)
+        s1 = torch.einsum("nhd,hkd->nhk", q[:, :, 0], keys[0])
+        s2 = torch.einsum("nhd,hkd->nhk", q[:, :, 1], keys[1])
+        top1, idx1 = s1.topk(self.topk, dim=-1)
+        top2, idx2 = s2.topk(self.topk, dim=-1)
+        # The best k sums of two independent halves lie among the k x k sums of each half's best k.
+        pair = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)
+        scores, best = pair.topk(self.topk, dim=-1)
+        indices = idx1.gather(-1, best // self.topk) * self.n_keys + idx2.gather(-1, best % self.topk)
+        return scores, indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Read the memory for every position of `x` (..., dim)."""
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.dim)
+        scores, indices = self.lookup(flat)
+        weights = torch.softmax(scores / self.temperature, dim=-1)
+        if self.recording:
+            shape = (*lead, self.heads, self.topk)
+            self.last_access = SlotAccess(indices.view(shape), weights.detach().view(shape))
+        read = self.values(indices.view(len(flat), -1), per_sample_weights=weights.view(len(flat), -1).to(self.values.weight.dtype))
+        out = self.proj(read * F.silu(self.gate(flat))) * self.scale
+        return out.view(*lead, self.dim)

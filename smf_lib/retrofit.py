@@ -1,0 +1,191 @@
+"""Insert product-key memory layers into the decoder blocks of a pretrained causal LM."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .memory import ProductKeyMemory
+
+MODES = ("additive", "replace")
+
+
+class RetrofitError(ValueError):
+    """A retrofit request or memory file that does not fit the model."""
+
+
+@dataclass
+class MemoryConfig:
+    """Where and how large the memory layers are.
+
+    `layers=None` spreads three layers through the depth (at 1/4, 1/2 and 3/4). `mode="additive"` adds the memory
+    beside the MLP (function-preserving); `mode="replace"` swaps the MLP out, as Lin et al. (arXiv 2510.15103) and
+    the original retrofit do, which breaks the model until the memory is healed.
+    Query/key normalisation makes the top-k scores cosine sums, independent of the model's activation scale;
+    `temperature` then sharpens the softmax over them (0.01: about three slots carry each head's weight) and
+    `output_scale` starts the learnable output gain. Both decide how fast values can learn (notebook 03).
+    """
+
+    layers: tuple[int, ...] | None = None
+    n_keys: int = 128
+    heads: int = 4
+    topk: int = 32
+    key_dim: int = 256
+    temperature: float = 0.01
+    qk_norm: bool = True
+    output_scale: float = 20.0
+    mode: str = "additive"
+    seed: int = 0
+
+    def resolved_layers(self, n_layers: int) -> list[int]:
+        """The layer indices, defaulting to three spread through `n_layers`."""
+        layers = list(self.layers) if self.layers is not None else sorted({int(n_layers * f) for f in (0.25, 0.5, 0.75)})
+        bad = [i for i in layers if not 0 <= i < n_layers]
+        if bad or not layers or len(set(layers)) != len(layers):
+            raise RetrofitError(f"Memory layers {layers} are invalid: give distinct indices in 0..{n_layers - 1}.")
+        return sorted(layers)
+
+
+class MemoryMLP(nn.Module):
+    """A decoder block's MLP with a memory beside it (`additive`) or in its place (`replace`)."""
+
+    def __init__(self, mlp: nn.Module, memory: ProductKeyMemory, mode: str, layer_index: int) -> None:
+        super().__init__()
+        self.mlp = mlp if mode == "additive" else None
+        self.replaced_mlp = [mlp] if mode == "replace" else []  # kept outside the state dict, for undoing
+        self.memory, self.mode, self.layer_index = memory, mode, layer_index
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """`mlp(x) + memory(x)` in additive mode, `memory(x)` in replace mode."""
+        out = self.memory(x)
+        return out if self.mlp is None else self.mlp(x, *args, **kwargs) + out
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks: the longest ModuleList whose blocks each have an `mlp`."""
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(b, "mlp") for b in m)]
+    if not candidates:
+        raise RetrofitError(f"Cannot find decoder blocks with an `mlp` in {type(model).__name__}; this architecture is not supported.")
+    return max(candidates, key=len)
+
+
+def memory_layers(model: nn.Module) -> list[ProductKeyMemory]:
+    """The model's memory layers, in depth order (each knows its `layer_index`)."""
+    return [m.memory for m in model.modules() if isinstance(m, MemoryMLP)]
+
+
+def memory_config(model: nn.Module) -> MemoryConfig:
+    """The MemoryConfig a retrofitted model was built with."""
+    if not hasattr(model, "smf_memory_config"):
+        raise RetrofitError("This model has no memory layers; call retrofit(model, MemoryConfig()) first.")
+    return model.smf_memory_config
+
+
+def retrofit(model: nn.Module, config: MemoryConfig | None = None) -> nn.Module:
+    """Add memory layers to `model` in place; freeze the base, leave the memory trainable; return the model."""
+    config = config or MemoryConfig()
+    if memory_layers(model):
+        raise RetrofitError("This model already has memory layers; retrofit a fresh copy of the base model instead.")
+    if config.mode not in MODES:
+        raise RetrofitError(f"mode must be one of {MODES}, got {config.mode!r}.")
+    blocks = decoder_layers(model)
+    layers = config.resolved_layers(len(blocks))
+    dim = model.get_input_embeddings().embedding_dim
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(config.seed)
+    try:
+        for i in layers:
+            memory = ProductKeyMemory(
+                dim, config.n_keys, config.heads, config.topk, config.key_dim,
+                temperature=config.temperature, qk_norm=config.qk_norm, output_scale=config.output_scale,
+            ).to(device=device, dtype=dtype)
+            memory.layer_index = i
+            blocks[i].mlp = MemoryMLP(blocks[i].mlp, memory, config.mode, i)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.smf_memory_config = MemoryConfig(**{**asdict(config), "layers": tuple(layers)})
+    return model
+
+
+def memory_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The memory parameters only, keyed `layers.<index>.<name>`."""
+    return {
+        f"layers.{m.layer_index}.{name}": p.detach().contiguous()
+        for m in memory_layers(model) for name, p in m.named_parameters()
+    }
+
+
+def _model_signature(model: nn.Module) -> dict:
+    return {"model_type": getattr(model.config, "model_type", type(model).__name__),
+            "hidden_size": model.get_input_embeddings().embedding_dim, "n_layers": len(decoder_layers(model))}
+
+
+def save_memory(model: nn.Module, path: str | Path) -> Path:
+    """Write the memory parameters and their config to a safetensors file, atomically."""
+    path = Path(path)
+    metadata = {"memory_config": json.dumps(asdict(memory_config(model))), "model": json.dumps(_model_signature(model))}
+    tensors = {k: v.cpu() for k, v in memory_state(model).items()}
+    atomic_save(tensors, path, metadata)
+    return path
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """save_file to a temporary sibling, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load memory saved by `save_memory`; a model without memory is retrofitted with the saved config first."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No memory file at {path}.")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        fields = json.loads(metadata["memory_config"])
+        saved_config = MemoryConfig(**{**fields, "layers": tuple(fields["layers"])})
+        saved_model = json.loads(metadata["model"])
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise RetrofitError(f"{path} is not a memory file written by save_memory ({error}).") from None
+    if saved_model != _model_signature(model):
+        raise RetrofitError(f"{path} holds memory for {saved_model}, but this model is {_model_signature(model)}.")
+    if memory_layers(model):
+        current = {k: v for k, v in asdict(memory_config(model)).items() if k != "seed"}
+        wanted = {k: v for k, v in asdict(saved_config).items() if k != "seed"}
+        if current != wanted:
+            raise RetrofitError(f"{path} holds memory shaped {wanted}, but this model's memory is {current}.")
+        target = model
+    else:
+        target = retrofit(copy.deepcopy(model), saved_config)  # checked on a copy: a bad file leaves `model` as it was
+    tensors = load_file(str(path))
+    expected = {k: v.shape for k, v in memory_state(target).items()}
+    if {k: v.shape for k, v in tensors.items()} != expected:
+        raise RetrofitError(f"{path} does not hold the tensors its config describes; it is damaged or was not written by save_memory.")
+    if target is not model:
+        retrofit(model, saved_config)
+    with torch.no_grad():
+        for m in memory_layers(model):
+            for name, p in m.named_parameters():
+                p.copy_(tensors[f"layers.{m.layer_index}.{name}"])
+    return model

@@ -1,0 +1,96 @@
+"""ProductKeyMemory: the product-key top-k is exact, the output starts at zero, recording and gradients work."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smf_lib.memory import ProductKeyMemory
+
+
+def exhaustive_topk(memory: ProductKeyMemory, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score every one of the n_keys**2 slots, s1[i] + s2[j] for slot i*n_keys + j, and take the top-k."""
+    half = memory.key_dim // 2
+    q = memory.query(x).view(len(x), memory.heads, 2, half)
+    keys = memory.keys
+    if memory.qk_norm:
+        q, keys = F.normalize(q, dim=-1), F.normalize(keys, dim=-1)
+    s1 = torch.einsum("nhd,hkd->nhk", q[:, :, 0], keys[0])
+    s2 = torch.einsum("nhd,hkd->nhk", q[:, :, 1], keys[1])
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (tokens, heads, n_keys**2)
+    return full.topk(memory.topk, dim=-1)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("heads,n_keys,topk,key_dim", [(1, 16, 4, 8), (4, 32, 8, 16), (3, 24, 24, 32)])
+def test_lookup_equals_exhaustive_topk(qk_norm, heads, n_keys, topk, key_dim):
+    torch.manual_seed(heads * 100 + n_keys + topk)
+    memory = ProductKeyMemory(48, n_keys=n_keys, heads=heads, topk=topk, key_dim=key_dim, qk_norm=qk_norm).double()
+    x = torch.randn(64, 48, dtype=torch.float64)
+    with torch.no_grad():
+        scores, indices = memory.lookup(x)
+        want_scores, want_indices = exhaustive_topk(memory, x)
+    assert scores.shape == indices.shape == (64, heads, topk)
+    assert torch.all(indices >= 0) and torch.all(indices < n_keys**2)
+    torch.testing.assert_close(scores, want_scores)
+    assert torch.all(scores[..., :-1] >= scores[..., 1:]), "scores must come in descending order"
+    for got_row, want_row in zip(indices.reshape(-1, topk).tolist(), want_indices.reshape(-1, topk).tolist()):
+        assert set(got_row) == set(want_row)
+    # each returned index's score is the exhaustive score of that slot
+    q = memory.query(x).view(64, heads, 2, key_dim // 2)
+    keys = memory.keys
+    if qk_norm:
+        q, keys = F.normalize(q, dim=-1), F.normalize(keys, dim=-1)
+    s1 = torch.einsum("nhd,hkd->nhk", q[:, :, 0], keys[0])
+    s2 = torch.einsum("nhd,hkd->nhk", q[:, :, 1], keys[1])
+    recomputed = s1.gather(-1, indices // n_keys) + s2.gather(-1, indices % n_keys)
+    torch.testing.assert_close(scores, recomputed.detach())
+
+
+def test_output_is_zero_with_zero_values():
+    torch.manual_seed(0)
+    memory = ProductKeyMemory(32, n_keys=16, heads=2, topk=4, key_dim=16)
+    out = memory(torch.randn(3, 5, 32))
+    assert out.shape == (3, 5, 32)
+    assert torch.count_nonzero(out) == 0
+    with torch.no_grad():
+        memory.values.weight.normal_()
+    assert torch.count_nonzero(memory(torch.randn(3, 5, 32))) > 0
+
+
+def test_recording_shapes_and_weights():
+    torch.manual_seed(0)
+    memory = ProductKeyMemory(32, n_keys=16, heads=4, topk=6, key_dim=16)
+    memory(torch.randn(2, 7, 32))
+    assert memory.last_access is None, "nothing is recorded unless recording is on"
+    memory.recording = True
+    memory(torch.randn(2, 7, 32))
+    access = memory.last_access
+    assert access.indices.shape == access.weights.shape == (2, 7, 4, 6)
+    torch.testing.assert_close(access.weights.sum(-1), torch.ones(2, 7, 4))
+    assert torch.all(access.weights >= 0)
+    assert not access.weights.requires_grad
+    assert access.indices.max() < memory.n_slots == 256
+
+
+def test_bad_configs_raise_clear_errors():
+    with pytest.raises(ValueError, match="key_dim must be even"):
+        ProductKeyMemory(32, key_dim=15)
+    with pytest.raises(ValueError, match="topk=20 needs 1 <= topk <= n_keys=16"):
+        ProductKeyMemory(32, n_keys=16, topk=20, key_dim=16)
+    with pytest.raises(ValueError, match="topk=0"):
+        ProductKeyMemory(32, n_keys=16, topk=0, key_dim=16)
+    with pytest.raises(ValueError, match="heads must be >= 1"):
+        ProductKeyMemory(32, n_keys=16, topk=4, key_dim=16, heads=0)
+
+
+def test_gradient_reaches_values_only_at_read_slots():
+    torch.manual_seed(0)
+    memory = ProductKeyMemory(32, n_keys=16, heads=2, topk=4, key_dim=16)
+    memory.recording = True
+    out = memory(torch.randn(2, 3, 32))
+    (out * torch.randn_like(out)).sum().backward()  # values start at zero: the gradient flows through gate and proj
+    grad = memory.values.weight.grad
+    assert grad is not None and torch.count_nonzero(grad) > 0
+    touched = set(memory.last_access.indices.flatten().tolist())
+    rows_with_grad = set(torch.nonzero(grad.abs().sum(-1)).flatten().tolist())
+    assert rows_with_grad <= touched
