@@ -79,28 +79,37 @@ class SlotStats:
 
 @torch.no_grad()
 def collect_background(
-    model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 1, max_length: int = 128,
+    model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128,
     progress: bool = True,
 ) -> SlotStats:
-    """Stream `texts` through the model in batches and accumulate slot statistics (memory O(slots)).
+    """Stream `texts` through the model and accumulate slot statistics (memory O(slots), not O(tokens)).
 
-    Each batch is one "document" for the document frequency; Lin et al. use single-example batches.
+    Each text counts as one background batch for the document frequency, like the single-example batches of
+    Lin et al.; `batch_size` only sets how many texts share a forward pass.
     """
     layers = memory_layers(model)
     counts = {m.layer_index: torch.zeros(m.n_slots, dtype=torch.float64) for m in layers}
     doc_freq = {m.layer_index: torch.zeros(m.n_slots, dtype=torch.float64) for m in layers}
     device = next(model.parameters()).device
-    n_batches = n_tokens = 0
-    starts = range(0, len(texts), batch_size)
+    n_tokens = 0
     with recording(model):
-        for start in tqdm(starts, desc="background statistics", disable=not progress):
+        for start in tqdm(range(0, len(texts), batch_size), desc="background statistics", disable=not progress):
             batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                               truncation=True, max_length=max_length).to(device)
             model(**batch)
             mask = batch["attention_mask"].bool()
-            for i, c in slot_counts(model, mask).items():
-                counts[i] += c.cpu()
-                doc_freq[i] += (c.cpu() > 0).double()
-            n_batches += 1
+            for m in layers:
+                per_text = _per_text_counts(m, mask).cpu()
+                counts[m.layer_index] += per_text.sum(0)
+                doc_freq[m.layer_index] += (per_text > 0).sum(0)
             n_tokens += int(mask.sum())
-    return SlotStats(counts, doc_freq, n_batches, n_tokens)
+    return SlotStats(counts, doc_freq, len(texts), n_tokens)
+
+
+def _per_text_counts(memory: ProductKeyMemory, mask: torch.Tensor) -> torch.Tensor:
+    """Soft access counts per sequence of the last recorded batch: (batch, slots)."""
+    idx, w = memory.last_access.indices, memory.last_access.weights
+    rows = torch.arange(len(idx), device=idx.device).view(-1, 1, 1, 1).expand_as(idx)
+    flat = (rows * memory.n_slots + idx)[mask].reshape(-1)
+    total = torch.bincount(flat, w[mask].reshape(-1).double(), minlength=len(idx) * memory.n_slots)
+    return total.view(len(idx), memory.n_slots)

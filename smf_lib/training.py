@@ -169,7 +169,7 @@ def train(
     The loop runs under `accelerate`: one process on CPU or GPU, or several (`accelerate launch`), each taking
     its share of every batch; gradients and slot counts are summed across processes, so every process selects
     the same rows. `callback(step, model)` runs after each step; a dict it returns is kept in
-    `history.checkpoints`. LoRA adapters are merged back into the weights at the end.
+    `history.checkpoints`; one with `"stop": True` ends training there. LoRA adapters are merged back into the weights at the end.
     """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(config.seed)
@@ -220,9 +220,12 @@ def train(
         history.seconds.append(time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss:.3f}")
         if callback is not None:
-            result = callback(step + 1, accelerator.unwrap_model(model))
+            result = dict(callback(step + 1, accelerator.unwrap_model(model)) or {})
+            stop = result.pop("stop", False)
             if result:
                 history.checkpoints.append({"step": step + 1, **result})
+            if stop:
+                break
     model = accelerator.unwrap_model(model)
     if config.method == "lora":
         model = model.merge_and_unload()

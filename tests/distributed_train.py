@@ -1,0 +1,29 @@
+"""Train the tiny model with SMF-KL and save its memory; run under `accelerate launch` by test_distributed.py."""
+
+import sys
+
+import torch
+
+from smf_lib.data import load_facts
+from smf_lib.models import load_base_model
+from smf_lib.retrofit import MemoryConfig, retrofit, save_memory
+from smf_lib.stats import collect_background
+from smf_lib.training import TrainConfig, train
+
+
+def main(out: str) -> None:
+    torch.use_deterministic_algorithms(True)
+    model, tokenizer = load_base_model("tiny")
+    retrofit(model, MemoryConfig(n_keys=16, topk=4, key_dim=32))
+    background = collect_background(model, tokenizer, [f.train[0] for f in load_facts()[50:80]], progress=False)
+    config = TrainConfig(steps=4, batch_size=8, top_t=16, lr=0.3)
+    model, history = train(model, tokenizer, load_facts(limit=4), config, background=background, progress=False)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        save_memory(model, out)
+        print("losses", history.loss)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,57 @@
+"""`python -m smf_lib run` end to end on the tiny profile: the result-file contract, and clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+METHOD_KEYS = {"fact_recall", "paraphrase_recall", "heldout_ppl", "ppl_increase_pct", "known_fact_acc",
+               "known_fact_drop_pct", "params_trained", "params_changed", "steps", "train_seconds", "peak_rss_mb"}
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "smf_lib", "run", *args], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = _run("--profile", "tiny", "--out", str(out), "--methods", "smf_kl,smf_tfidf,full_ft,lora")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_summary_has_every_contract_key(tiny_run):
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert {"profile", "model", "seed", "n_facts", "retrofit", "base", "methods"} <= summary.keys()
+    assert summary["profile"] == "tiny" and summary["model"] == "tiny" and summary["seed"] == 0
+    assert {"layers", "slots_per_layer", "memory_params", "max_abs_logit_diff"} <= summary["retrofit"].keys()
+    assert summary["retrofit"]["max_abs_logit_diff"] <= 1e-5
+    assert {"heldout_ppl", "known_fact_acc", "fact_recall"} <= summary["base"].keys()
+    assert set(summary["methods"]) == {"smf_kl", "smf_tfidf", "full_ft", "lora"}
+    for method, scores in summary["methods"].items():
+        assert METHOD_KEYS <= scores.keys(), method
+        assert scores["params_changed"] > 0 and scores["steps"] > 0
+    smf, full = summary["methods"]["smf_kl"], summary["methods"]["full_ft"]
+    assert smf["params_trained"] < full["params_trained"]
+
+
+def test_report_and_figure_are_written(tiny_run):
+    report = (tiny_run / "report.md").read_text()
+    assert "| SMF (KL) |" in report and "| LoRA |" in report
+    assert (tiny_run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tiny_run.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_malformed_facts_file_names_file_and_line(tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"id": "a", "answer": "X", "train": ["X is."], "probe": "p", "heldout": ["q"]}\n{broken\n')
+    result = _run("--profile", "tiny", "--facts", str(facts), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert f"{facts}:2" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_method_is_a_clear_error(tmp_path):
+    result = _run("--profile", "tiny", "--methods", "smf_kl,magic", "--out", str(tmp_path))
+    assert result.returncode == 2 and "magic" in result.stderr and "Traceback" not in result.stderr
