@@ -41,18 +41,18 @@ class ProfileSettings:
     lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
     sweep_facts: int = 16
     sweep_steps: int = 20
+    batch_size: int = 8
 
 
 PROFILE_SETTINGS = {
     "tiny": ProfileSettings(n_facts=6, max_steps=6, eval_every=3, n_background=24, n_heldout=8,
                             memory=MemoryConfig(n_keys=16, topk=4, key_dim=32),
-                            lr_grid={m: (DEFAULT_LR[m],) for m in METHODS}, sweep_facts=4, sweep_steps=2),
-    "cpu": ProfileSettings(n_facts=100, max_steps=150, eval_every=25,
-                           lr_grid={"full_ft": (1e-5, 3e-5), "lora": (1e-4, 3e-4), "smf_kl": (0.1,),
-                                    "smf_tfidf": (0.1,), "smf_random": (0.1,)}),
-    "gpu": ProfileSettings(n_facts=240, max_steps=300, eval_every=25,
+                            lr_grid={"lora": (1e-4, 3e-4)}, sweep_facts=4, sweep_steps=2),
+    "cpu": ProfileSettings(n_facts=100, max_steps=120, eval_every=30, batch_size=16,
+                           lr_grid={"full_ft": (1e-5, 3e-5), "lora": (1e-4, 3e-4)}, sweep_steps=15),
+    "gpu": ProfileSettings(n_facts=240, max_steps=300, eval_every=25, batch_size=16,
                            lr_grid={"full_ft": (1e-5, 3e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3),
-                                    "smf_kl": (0.03, 0.1, 0.3), "smf_tfidf": (0.03, 0.1, 0.3), "smf_random": (0.1,)}),
+                                    "smf_kl": (0.1, 0.3, 1.0), "smf_tfidf": (0.1, 0.3, 1.0)}),
 }
 
 
@@ -153,7 +153,7 @@ def train_method(setup: Setup, method: str, lr: float, facts: Sequence[Fact] | N
         eval_seconds += time.perf_counter() - start
         return {**scores, "stop": scores["fact_recall"] >= target}
 
-    config = TrainConfig(method=method, steps=max_steps, lr=lr, seed=seed)
+    config = TrainConfig(method=method, steps=max_steps, lr=lr, seed=seed, batch_size=settings.batch_size)
     start = time.perf_counter()
     model, history = train(copy.deepcopy(setup.model), setup.tokenizer, sub.facts, config,
                            background=setup.background, callback=checkpoint, progress=progress)
@@ -164,7 +164,7 @@ def train_method(setup: Setup, method: str, lr: float, facts: Sequence[Fact] | N
 def sweep_lr(setup: Setup, method: str, seed: int = 0, progress: bool = True) -> tuple[float, list[dict]]:
     """Pick a method's learning rate on a few facts: the best recall, then the least perplexity increase."""
     settings = PROFILE_SETTINGS[setup.profile]
-    grid = settings.lr_grid.get(method, (DEFAULT_LR[method],))
+    grid = settings.lr_grid.get(method, (DEFAULT_LR[method],))  # one candidate: no sweep
     if len(grid) == 1:
         return grid[0], []
     rows = []

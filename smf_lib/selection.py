@@ -6,6 +6,15 @@ import torch
 
 from .memory import SlotAccess
 
+# A slot counts as touched by a batch when it received at least this much softmax weight in total: with a
+# sharp softmax most top-k candidates get ~1e-20, no gradient, and must not take up the update budget.
+MIN_COUNT = 1e-3
+
+
+def touched(batch_counts: torch.Tensor) -> torch.Tensor:
+    """Which slots the batch really read (total weight at least MIN_COUNT)."""
+    return batch_counts >= MIN_COUNT
+
 
 def kl_scores(batch_counts: torch.Tensor, background_counts: torch.Tensor) -> torch.Tensor:
     """KL contribution of each slot, `p_b(i) log(p_b(i)/p_bg(i))` (Goyal et al., arXiv 2604.05248).
@@ -15,20 +24,20 @@ def kl_scores(batch_counts: torch.Tensor, background_counts: torch.Tensor) -> to
     p_b = batch_counts / batch_counts.sum().clamp_min(1e-12)
     p_bg = (background_counts + 1) / (background_counts.sum() + background_counts.numel())
     score = p_b * torch.log(p_b / p_bg)
-    return torch.where(batch_counts > 0, score, torch.full_like(score, -torch.inf))
+    return torch.where(touched(batch_counts), score, torch.full_like(score, -torch.inf))
 
 
 def tfidf_scores(batch_counts: torch.Tensor, doc_freq: torch.Tensor, n_batches: int) -> torch.Tensor:
     """TF-IDF of each slot, `p_b(i) log((B+1)/(df(i)+1))` (Lin et al., arXiv 2510.15103); untouched: -inf."""
     p_b = batch_counts / batch_counts.sum().clamp_min(1e-12)
     score = p_b * torch.log(torch.tensor(n_batches + 1.0, dtype=p_b.dtype) / (doc_freq.to(p_b.dtype) + 1))
-    return torch.where(batch_counts > 0, score, torch.full_like(score, -torch.inf))
+    return torch.where(touched(batch_counts), score, torch.full_like(score, -torch.inf))
 
 
 def random_scores(batch_counts: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A random positive score for each touched slot (the ablation: selection without surprise)."""
     noise = torch.rand(batch_counts.shape, generator=generator, dtype=torch.float64) + 1e-6
-    return torch.where(batch_counts > 0, noise.to(batch_counts.dtype), torch.full_like(batch_counts, -torch.inf))
+    return torch.where(touched(batch_counts), noise.to(batch_counts.dtype), torch.full_like(batch_counts, -torch.inf))
 
 
 def select_top(scores: torch.Tensor, t: int) -> torch.Tensor:

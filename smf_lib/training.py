@@ -20,7 +20,7 @@ from .stats import SlotStats, recording, slot_counts
 SPARSE_METHODS = ("smf_kl", "smf_tfidf", "smf_random")
 DENSE_METHODS = ("full_ft", "lora")
 METHODS = SPARSE_METHODS + DENSE_METHODS
-DEFAULT_LR = {"smf_kl": 0.1, "smf_tfidf": 0.1, "smf_random": 0.1, "full_ft": 3e-5, "lora": 3e-4}
+DEFAULT_LR = {"smf_kl": 0.3, "smf_tfidf": 0.3, "smf_random": 0.3, "full_ft": 3e-5, "lora": 3e-4}
 
 
 @dataclass
@@ -33,9 +33,9 @@ class TrainConfig:
     lr: float | None = None
     optimizer: str = "adam"          # sparse methods: "adam" (row-wise Adam/AdamW) or "sgd"
     weight_decay: float = 0.0
-    top_t: int = 2000                # value rows per memory layer per step
-    loss_on: str = "answer"          # "answer": loss on the answer tokens; "all": on every token
-    count_on: str = "answer"         # slots counted at positions predicting answer tokens, or at "all"
+    top_t: int = 500                 # value rows per memory layer per step
+    loss_on: str = "all"             # "all": loss on every token; "answer": on the answer tokens only
+    count_on: str = "all"            # slots counted at every position, or at those predicting the "answer"
     lora_rank: int = 16
     max_length: int = 64
     seed: int = 0
@@ -94,14 +94,19 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> d
     return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "answer": answer.to(device)}
 
 
+def predicting(targets: torch.Tensor) -> torch.Tensor:
+    """The positions whose next token is marked in `targets` (batch x seq, bool)."""
+    out = torch.zeros_like(targets)
+    out[:, :-1] = targets[:, 1:]
+    return out
+
+
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_on: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token loss over the trained positions, and the mask of those positions (predicting side)."""
+    """Summed next-token loss over the trained tokens, and how many tokens that is."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     trained = (batch["answer"] if loss_on == "answer" else batch["attention_mask"])[:, 1:]
     losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
-    predicting = torch.zeros_like(batch["attention_mask"])
-    predicting[:, :-1] = trained
-    return (losses * trained).sum(), predicting
+    return (losses * trained).sum(), trained.sum()
 
 
 class SparseUpdate:
@@ -199,12 +204,12 @@ def train(
         batch_ids, pool = pool[: config.batch_size], pool[config.batch_size:]
         batch = collate([examples[i] for i in batch_ids[rank::world]], pad_id, accelerator.device)
         with recording(model, enabled=sparse):
-            loss_sum, predicting = token_loss_sum(model, batch, config.loss_on)
-            n_tokens = accelerator.reduce(predicting.sum().float(), "sum")
+            loss_sum, n_local = token_loss_sum(model, batch, config.loss_on)
+            n_tokens = accelerator.reduce(n_local.float(), "sum")
             # DDP averages gradients over processes: scale so the result is the mean over the whole batch.
             accelerator.backward(loss_sum * world / n_tokens.clamp_min(1))
             if sparse:
-                where = predicting if config.count_on == "answer" else batch["attention_mask"]
+                where = predicting(batch["answer"]) if config.count_on == "answer" else batch["attention_mask"]
                 counts = {i: accelerator.reduce(c, "sum") for i, c in slot_counts(model, where).items()}
         if sparse:
             rows = update.rows(counts)
