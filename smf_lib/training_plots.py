@@ -160,7 +160,7 @@ def plot_value_changes(before: Mapping[str, torch.Tensor], model: torch.nn.Modul
             n_changed = int((grid > 0).sum())
             shown = np.ma.masked_where(grid == 0, grid)
             image = ax.imshow(shown, cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
-            ax.set_title(f"layer {m.layer_index}: {n_changed:,} of {m.n_slots:,} rows changed ({n_changed / m.n_slots:.1%})")
+            ax.set_title(f"layer {m.layer_index}: {n_changed:,} of {m.n_slots:,} rows ({n_changed / m.n_slots:.1%})")
             ax.set_xlabel("second sub-key")
             ax.set_ylabel("first sub-key")
             for side in ax.spines.values():
@@ -180,15 +180,16 @@ def hit_rate(completions: Sequence[str], answers: Sequence[str]) -> float:
 
 
 def completion_table(prompts: Sequence[str], answers: Sequence[str], **columns: Sequence[str]):
-    """A pandas table: prompt, expected answer, and each named list of completions (e.g. before=..., after=...),
-    with a ✓ where the completion contains the answer."""
+    """A table of prompt, expected answer and each named list of completions (e.g. before=..., after=...), with a ✓
+    where the completion contains the answer. Returned as a pandas Styler (no truncated cells; `.data` is the
+    DataFrame); newlines show as ⏎."""
     import pandas as pd
 
     data = {"prompt": [p.replace("\n", " ⏎ ") for p in prompts], "answer": list(answers)}
     for name, completions in columns.items():
         data[name] = [c.strip().replace("\n", " ⏎ ") for c in completions]
         data[f"{name} ✓"] = ["✓" if contains_answer(c, [a]) else "" for c, a in zip(completions, answers)]
-    return pd.DataFrame(data)
+    return pd.DataFrame(data).style.hide(axis="index").set_properties(**{"text-align": "left"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
