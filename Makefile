@@ -35,8 +35,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VPY) -m smf_lib run $(ARGS)
 
+# Notebooks run in their fast mode (SMF_FAST=1): smaller data and step budgets, same code paths.
 test: $(STAMP)
-	$(VPY) -m pytest -q tests $(NOTEBOOKS) $(if $(NOTEBOOKS),--nbmake --nbmake-timeout=$(NBMAKE_TIMEOUT)) $(PYTEST_ARGS)
+	SMF_FAST=1 $(VPY) -m pytest -q tests $(NOTEBOOKS) $(if $(NOTEBOOKS),--nbmake --nbmake-timeout=$(NBMAKE_TIMEOUT)) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VPY) -m smf_lib bench $(ARGS)

@@ -215,8 +215,8 @@ def run_experiment(profile: str, methods: Sequence[str] = DEFAULT_METHODS, facts
         summary["sweeps"][method] = sweep
         summary["checkpoints"][method] = run.checkpoints
         del run
-    summary["total_seconds"] = time.perf_counter() - started
-    write_results(summary, out)
+        summary["total_seconds"] = time.perf_counter() - started
+        write_results(summary, out)  # after every method: a long run that is stopped keeps what it finished
     return summary
 
 
