@@ -9,12 +9,11 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .calibration import calibrate_queries
 from .data import Fact, KnownFact, load_background, load_facts, load_heldout_text, load_known_facts
