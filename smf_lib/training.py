@@ -103,10 +103,13 @@ def predicting(targets: torch.Tensor) -> torch.Tensor:
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_on: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss over the trained tokens, and how many tokens that is."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    trained = (batch["answer"] if loss_on == "answer" else batch["attention_mask"])[:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
-    return (losses * trained).sum(), trained.sum()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Shift the targets rather than the logits: (batch*seq, vocab) stays contiguous, so no copy of the largest
+    # activation and a softmax over its last dimension; the last position's wrapped-around target is masked out.
+    trained = predicting(batch["answer"] if loss_on == "answer" else batch["attention_mask"])
+    targets = batch["input_ids"].roll(-1, dims=1)
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return (losses.view_as(trained) * trained).sum(), trained.sum()
 
 
 class SparseUpdate:
