@@ -26,9 +26,7 @@ class RetrofitError(ValueError):
 class MemoryConfig:
     """Where and how large the memory layers are.
 
-    `layers=None` puts three layers in the upper half of the network (at 1/2, 3/4 and 9/10 of the depth): SMF's
-    backward pass stops at the lowest memory layer, so it is much cheaper than with layers at 1/4-3/4, and on 100
-    facts it learned and forgot about as much (README, Results). `mode="additive"` adds the memory
+    `layers=None` spreads three layers through the depth (at 1/4, 1/2 and 3/4). `mode="additive"` adds the memory
     beside the MLP (function-preserving); `mode="replace"` swaps the MLP out, as Lin et al. (arXiv 2510.15103) and
     the original retrofit do, which breaks the model until the memory is healed.
     Query/key normalisation makes the top-k scores cosine sums, independent of the model's activation scale;
@@ -48,8 +46,8 @@ class MemoryConfig:
     seed: int = 0
 
     def resolved_layers(self, n_layers: int) -> list[int]:
-        """The layer indices, defaulting to three in the upper half of `n_layers` (fewer on very shallow models)."""
-        layers = list(self.layers) if self.layers is not None else sorted({int(n_layers * f) for f in (0.5, 0.75, 0.9)})
+        """The layer indices, defaulting to three spread through `n_layers`."""
+        layers = list(self.layers) if self.layers is not None else sorted({int(n_layers * f) for f in (0.25, 0.5, 0.75)})
         bad = [i for i in layers if not 0 <= i < n_layers]
         if bad or not layers or len(set(layers)) != len(layers):
             raise RetrofitError(f"Memory layers {layers} are invalid: give distinct indices in 0..{n_layers - 1}.")

@@ -16,7 +16,9 @@ def main(out: str) -> None:
     model, tokenizer = load_base_model("tiny")
     retrofit(model, MemoryConfig(n_keys=16, topk=4, key_dim=32))
     background = collect_background(model, tokenizer, [f.train[0] for f in load_facts()[50:80]], progress=False)
-    config = TrainConfig(steps=4, batch_size=8, top_t=16, lr=0.3)
+    # Row SGD: its update is linear in the gradient. Adam's first step, lr * g/|g|, turns a rounding-sized
+    # gradient into a full step of either sign, so one process and two could disagree by 2 * lr.
+    config = TrainConfig(steps=4, batch_size=8, top_t=16, optimizer="sgd", lr=1.0)
     model, history = train(model, tokenizer, load_facts(limit=4), config, background=background, progress=False)
     from accelerate import PartialState
 

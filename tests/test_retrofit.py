@@ -65,8 +65,8 @@ def test_generic_decoder_discovery():
 
 
 def test_default_layers_spread_through_depth():
-    assert MemoryConfig().resolved_layers(30) == [15, 22, 27]
-    assert MemoryConfig().resolved_layers(24) == [12, 18, 21]
+    assert MemoryConfig().resolved_layers(30) == [7, 15, 22]
+    assert MemoryConfig().resolved_layers(24) == [6, 12, 18]
     assert MemoryConfig(layers=(5, 1)).resolved_layers(8) == [1, 5]
 
 
