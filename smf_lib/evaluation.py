@@ -78,6 +78,17 @@ def known_correct(model, tokenizer, known: Sequence[KnownFact]) -> list[bool]:
     return [contains_answer(c, k.answers()) for c, k in zip(completions, known)]
 
 
+def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each position's prediction of the next token, (batch, seq).
+
+    The targets are shifted rather than the logits, so the (batch*seq, vocab) logits stay contiguous: no copy of the
+    largest activation, and a softmax over its last dimension. The last position's target wraps around to the first
+    token: mask it out.
+    """
+    targets = input_ids.roll(-1, dims=1)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(input_ids)
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 256) -> float:
     """Token-level perplexity of `texts` (each scored on its own, truncated to `max_length` tokens)."""
@@ -86,9 +97,8 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                           truncation=True, max_length=max_length).to(device)
-        logits = model(**batch).logits[:, :-1].float()
+        losses = next_token_losses(model(**batch).logits.float(), batch["input_ids"])[:, :-1]
         mask = batch["attention_mask"][:, 1:].bool()
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
         total += losses[mask].sum().item()
         count += int(mask.sum())
     return math.exp(total / max(count, 1))

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .data import Fact
+from .evaluation import next_token_losses
 from .optim import RowAdam, RowSGD
 from .retrofit import memory_layers
 from .selection import kl_scores, random_scores, select_top, tfidf_scores
@@ -104,12 +105,8 @@ def predicting(targets: torch.Tensor) -> torch.Tensor:
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_on: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss over the trained tokens, and how many tokens that is."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    # Shift the targets rather than the logits: (batch*seq, vocab) stays contiguous, so no copy of the largest
-    # activation and a softmax over its last dimension; the last position's wrapped-around target is masked out.
     trained = predicting(batch["answer"] if loss_on == "answer" else batch["attention_mask"])
-    targets = batch["input_ids"].roll(-1, dims=1)
-    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-    return (losses.view_as(trained) * trained).sum(), trained.sum()
+    return (next_token_losses(logits, batch["input_ids"]) * trained).sum(), trained.sum()
 
 
 class SparseUpdate:

@@ -17,7 +17,8 @@ def test_smf_kl_teaches_five_new_facts_and_keeps_known_ones():
     torch.manual_seed(0)
     model, tokenizer = load_base_model("smollm2-135m")
     facts = load_facts(limit=5)
-    known = [k for k, ok in zip(load_known_facts()[:40], known_correct(model, tokenizer, load_known_facts()[:40])) if ok]
+    candidates = load_known_facts()[:40]
+    known = [k for k, ok in zip(candidates, known_correct(model, tokenizer, candidates)) if ok]
     assert not any(contains_answer(c, [f.answer]) for c, f in zip(complete(model, tokenizer, [f.probe for f in facts]), facts))
     retrofit(model)
     texts = load_background()[:200]
