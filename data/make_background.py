@@ -403,6 +403,67 @@ QA = [
 ]
 QA_FORMATS = ["Q: {q}\nA: {a}", "Question: {q}\nAnswer: {a}", "{q} {a}"]
 
+# Short quiz questions with one- or two-word answers, the shape of a question a chat model answers every day.
+# None of them is one of the known facts used to measure forgetting (a test checks this).
+QUIZ = [
+    ("How many wheels does a bicycle have?", "Two."), ("What is the largest bone in the human body?", "The femur."),
+    ("What is the capital of Iceland?", "Reykjavik."), ("What is the capital of Morocco?", "Rabat."),
+    ("What is the capital of Nepal?", "Kathmandu."), ("What is the capital of Ghana?", "Accra."),
+    ("Which language is spoken in Iceland?", "Icelandic."), ("What is the main language of Hungary?", "Hungarian."),
+    ("What is the chemical symbol for neon?", "Ne."), ("What is the chemical symbol for sulfur?", "S."),
+    ("Who wrote The Jungle Book?", "Rudyard Kipling."), ("Who wrote Little Women?", "Louisa May Alcott."),
+    ("Who painted The Girl with a Pearl Earring?", "Johannes Vermeer."), ("Who composed The Nutcracker?", "Tchaikovsky."),
+    ("Who invented the printing press?", "Johannes Gutenberg."), ("Who discovered X-rays?", "Wilhelm Röntgen."),
+    ("Which planet has the Great Red Spot?", "Jupiter."), ("How many moons does Mars have?", "Two."),
+    ("What colour is a ripe aubergine?", "Purple."), ("What colour are most polar bears' coats?", "White."),
+    ("What is 11 plus 11?", "22."), ("What is 9 minus 6?", "3."), ("What is 4 times 8?", "32."),
+    ("How many players are on a volleyball team on court?", "Six."), ("How many strings does a cello have?", "Four."),
+    ("What do you call a baby swan?", "A cygnet."), ("What do koalas eat?", "Eucalyptus leaves."),
+    ("Which river flows through Vienna?", "The Danube."), ("Which sea lies between Europe and Africa?", "The Mediterranean."),
+    ("What is the highest mountain in Africa?", "Kilimanjaro."), ("On which continent is Chile?", "South America."),
+    ("In which country is Edinburgh Castle?", "Scotland."), ("What is the currency of Switzerland?", "The Swiss franc."),
+    ("What is the currency of South Africa?", "The rand."), ("Which organ filters the blood?", "The kidneys."),
+    ("What is the boiling point of water in Fahrenheit?", "212 degrees."), ("What gas makes balloons float?", "Helium."),
+    ("What is the opposite of ancient?", "Modern."), ("What is the plural of leaf?", "Leaves."),
+    ("What is the past tense of swim?", "Swam."), ("Which month has the fewest days?", "February."),
+    ("What shape has eight sides?", "An octagon."), ("What do caterpillars eat?", "Leaves."),
+    ("Which instrument has black and white keys?", "The piano."), ("Which sport uses a shuttlecock?", "Badminton."),
+]
+QUIZ_FORMATS = ["Q: {q}\nA: {a}", "Question: {q}\nAnswer: {a}"]
+
+# Encyclopaedic statements: places, people, works and inventions, as in reference books and news.
+ENCYCLOPAEDIA = [
+    "The Danube flows through ten countries before it reaches the Black Sea.",
+    "The Gobi Desert stretches across southern Mongolia and northern China.",
+    "Reykjavik is the capital of Iceland and home to about a third of its people.",
+    "The official languages of Belgium are Dutch, French and German.",
+    "Lake Baikal in Siberia is the deepest lake in the world.",
+    "The Andes run for about seven thousand kilometres along the western side of South America.",
+    "The currency of Sweden is the krona, which is divided into a hundred öre.",
+    "The national dish of Hungary is goulash, a stew seasoned with paprika.",
+    "The city of Kyoto was the capital of Japan for more than a thousand years.",
+    "The Rhine rises in the Swiss Alps and flows into the North Sea in the Netherlands.",
+    "The Jungle Book was written by Rudyard Kipling and published in 1894.",
+    "The opera Carmen was composed by Georges Bizet.",
+    "Little Women was written by Louisa May Alcott and follows the lives of four sisters.",
+    "The printing press with movable type was developed by Johannes Gutenberg in the fifteenth century.",
+    "The first practical steam engine was built by Thomas Newcomen in 1712.",
+    "The company was founded in 1903 by two brothers who had worked as bicycle mechanics.",
+    "The museum was designed by a Danish architect and opened to the public in 1998.",
+    "The ship was launched in 1911 and sailed under the command of an experienced captain.",
+    "The novel was first published in instalments in a weekly magazine.",
+    "The bridge was designed by a Scottish engineer and took seven years to build.",
+    "The band was formed in 1985 by four school friends, and its lead singer also wrote most of the songs.",
+    "The comet was discovered in 1995 by two amateur astronomers working independently.",
+    "The island is home to several species of lizard found nowhere else on Earth.",
+    "The mountain was first climbed in 1865 by a party of seven.",
+    "The town grew up around a market on the river, which is still held every Saturday.",
+    "The university was founded in the twelfth century and is one of the oldest in Europe.",
+    "The highest mountain in Scotland is Ben Nevis, which rises to 1,345 metres.",
+    "The composer wrote nine symphonies, the last of them when he was almost completely deaf.",
+    "The inventor held more than a thousand patents, among them an early phonograph.",
+]
+
 # Lists.
 LISTS = [
     ("Things to pack for a day at the beach", ["sunscreen", "a towel", "a bottle of water", "a hat",
@@ -489,9 +550,20 @@ def news_passage(rng: random.Random) -> str:
 
 
 def qa_passage(rng: random.Random) -> str:
-    """A question with its answer."""
-    q, a = rng.choice(QA)
-    return rng.choice(QA_FORMATS).format(q=q, a=a)
+    """One to three everyday questions with their answers, in one format."""
+    form = rng.choice(QA_FORMATS)
+    return "\n".join(form.format(q=q, a=a) for q, a in rng.sample(QA, rng.randint(1, 3)))
+
+
+def quiz_passage(rng: random.Random) -> str:
+    """Three to five short quiz questions with their answers, in one format."""
+    form = rng.choice(QUIZ_FORMATS)
+    return "\n".join(form.format(q=q, a=a) for q, a in rng.sample(QUIZ, rng.randint(3, 5)))
+
+
+def encyclopaedia_passage(rng: random.Random) -> str:
+    """Two or three encyclopaedic statements."""
+    return " ".join(rng.sample(ENCYCLOPAEDIA, rng.choice([2, 3])))
 
 
 def list_passage(rng: random.Random) -> str:
@@ -502,7 +574,8 @@ def list_passage(rng: random.Random) -> str:
 
 
 KINDS = [(topic_passage, 40), (narrative_passage, 16), (dialogue_passage, 12),
-         (instruction_passage, 10), (news_passage, 10), (qa_passage, 6), (list_passage, 6)]
+         (instruction_passage, 10), (news_passage, 10), (qa_passage, 10), (list_passage, 6),
+         (quiz_passage, 16), (encyclopaedia_passage, 10)]
 
 
 def make_background(seed: int = 0, n: int = N_PASSAGES) -> list[str]:

@@ -78,7 +78,20 @@ def test_heldout_text_and_background_load():
     assert len(heldout) >= 80 and all(60 <= len(t.split()) <= 120 for t in heldout)
     assert len(background) >= 600 and all(20 <= len(t.split()) <= 60 for t in background)
     assert len(set(background)) == len(background)
-    assert not set(heldout) & set(background)
+
+    def seven_grams(text):
+        words = text.lower().split()
+        return {tuple(words[i:i + 7]) for i in range(len(words) - 6)}
+
+    # Perplexity must be measured on text whose phrases the background statistics never saw.
+    assert not set().union(*map(seven_grams, heldout)) & set().union(*map(seven_grams, background))
+
+
+def test_background_does_not_contain_the_known_facts():
+    # Forgetting is measured on the known facts; text that states them must not shape the background statistics.
+    text = "\n".join(load_background()).lower()
+    questions = [k.prompt.split("\n")[0].split(": ", 1)[-1].lower() for k in load_known_facts()]
+    assert not [q for q in questions if q in text]
 
 
 GOOD = {"id": "f1", "answer": "Quellport", "train": ["The capital of Zorvania is Quellport."],
