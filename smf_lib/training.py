@@ -36,7 +36,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     top_t: int = 500                 # value rows per memory layer per step
     loss_on: str = "all"             # "all": loss on every token; "answer": on the answer tokens only
-    count_on: str = "all"            # slots counted at every position, or at those predicting the "answer"
+    count_on: str = "answer"         # slots counted at the positions predicting the answer, or at "all"
     lora_rank: int = 16
     max_length: int = 64
     seed: int = 0
