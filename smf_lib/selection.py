@@ -46,6 +46,12 @@ def select_top(scores: torch.Tensor, t: int) -> torch.Tensor:
     return order[scores[order] > 0]
 
 
+def top_t_overlap(scores_a: torch.Tensor, scores_b: torch.Tensor, t: int) -> float:
+    """Share of the top-`t` selection by `scores_a` that the selection by `scores_b` also makes."""
+    a = select_top(scores_a, t)
+    return len(set(a.tolist()) & set(select_top(scores_b, t).tolist())) / max(len(a), 1)
+
+
 def token_surprise(access: SlotAccess, batch_counts: torch.Tensor, background_counts: torch.Tensor) -> torch.Tensor:
     """Per token (batch x seq): how surprising the slots it read are, `sum_hk w log(p_b(i)/p_bg(i)) / heads`.
 

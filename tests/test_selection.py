@@ -5,7 +5,7 @@ import math
 import torch
 
 from smf_lib.memory import SlotAccess
-from smf_lib.selection import kl_scores, random_scores, select_top, tfidf_scores, token_surprise
+from smf_lib.selection import kl_scores, random_scores, select_top, tfidf_scores, token_surprise, top_t_overlap
 
 
 def test_kl_score_matches_hand_computation():
@@ -46,3 +46,11 @@ def test_token_surprise_weights_log_ratio():
     p_bg = [(0 + 1) / 16, (6 + 1) / 16]
     expected = 0.25 * math.log(0.5 / p_bg[0]) + 0.75 * math.log(0.5 / p_bg[1])
     assert math.isclose(token_surprise(access, batch, background).item(), expected)
+
+
+def test_top_t_overlap_counts_shared_picks_among_the_first_selection():
+    a = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0])
+    b = torch.tensor([5.0, 0.0, 3.0, 4.0, 2.0])
+    assert top_t_overlap(a, b, 3) == 2 / 3  # a picks {0, 1, 2}, b picks {0, 3, 2}
+    assert top_t_overlap(a, a, 3) == 1.0
+    assert top_t_overlap(torch.full((3,), -1.0), b, 2) == 0.0  # nothing selected: no overlap, no division by zero
