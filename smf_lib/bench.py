@@ -467,8 +467,8 @@ def run_bench(profile: str = "cpu", out: str | Path | None = None, repeats: int 
         result["phase_seconds"][name] = time.perf_counter() - clock
         phases.update()
     phases.close()
-    result["training_batch"] = ("8 background passages of >= 64 tokens (truncated to 64) per step, loss and slot "
-                                "counts on one 'answer' word near the end of each (TrainConfig defaults)")
+    result["training_batch"] = ("8 background passages of >= 64 tokens (truncated to 64) per step, loss on every "
+                                "token, slot counts at one 'answer' word near the end of each (TrainConfig defaults)")
     result["targets"] = TARGETS
     _write_json(result, out)
     return result

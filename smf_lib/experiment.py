@@ -53,7 +53,7 @@ PROFILE_SETTINGS = {
     # Perplexity on 40 of the 80 held-out paragraphs (3,600 tokens): each checkpoint's evaluation takes 7 s less.
     "cpu": ProfileSettings(n_facts=100, max_steps=210, eval_every=30, batch_size=16, n_heldout=40,
                            memory=MemoryConfig(n_keys=256, layers=(15, 22, 27)),
-                           lr_grid={"full_ft": (3e-5, 1e-4), "lora": (3e-4, 1e-3)}, sweep_steps=15),
+                           lr_grid={"full_ft": (3e-5, 1e-4), "lora": (3e-4, 1e-3)}, sweep_steps=30),
     "gpu": ProfileSettings(n_facts=240, max_steps=300, eval_every=25, batch_size=16, memory=MemoryConfig(n_keys=256),
                            lr_grid={"full_ft": (1e-5, 3e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3),
                                     "smf_kl": (0.1, 0.3, 1.0), "smf_tfidf": (0.1, 0.3, 1.0)}),
