@@ -49,7 +49,7 @@ PROFILE_SETTINGS = {
                             lr_grid={"lora": (1e-4, 3e-4)}, sweep_facts=4, sweep_steps=2),
     # 65,536 slots per layer (cpu and gpu): with 16,384, 100 facts rewrote about half of all value rows, and known
     # facts that share a template with them were lost. On SmolLM2's 30 blocks the cpu run puts the memory in the
-    # upper half, which shortens the backward pass and learned and forgot about as much (README, Results).
+    # upper half, which shortens the backward pass; at 65,536 slots, blocks 7/15/22 learned and forgot about as much.
     # Perplexity on 40 of the 80 held-out paragraphs (3,600 tokens): each checkpoint's evaluation takes 7 s less.
     "cpu": ProfileSettings(n_facts=100, max_steps=210, eval_every=30, batch_size=16, n_heldout=40,
                            memory=MemoryConfig(n_keys=256, layers=(15, 22, 27)),
