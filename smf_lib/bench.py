@@ -34,7 +34,7 @@ from .memory import ProductKeyMemory
 from .models import PROFILES, load_base_model
 from .retrofit import MemoryConfig, load_memory, memory_layers, retrofit, save_memory
 from .stats import SlotStats, collect_background, recording, slot_counts
-from .training import SparseUpdate, TrainConfig, build_examples, collate, predicting, token_loss_sum, train
+from .training import SparseUpdate, TrainConfig, build_examples, collate, counted_positions, token_loss_sum, train
 
 CONTRACT_KEYS = ("forward_overhead_ratio", "smf_step_vs_full_ft_ratio", "smf_step_vs_lora_ratio",
                  "smf_peak_mem_vs_full_ft_ratio", "selection_overhead_frac", "pkm_vs_reference_ratio")
@@ -224,8 +224,7 @@ def _smf_step(model, update: SparseUpdate, batch: dict, device: torch.device) ->
         (loss_sum / n_tokens.sum().clamp_min(1)).backward()
         _sync(device)
         select_start = time.perf_counter()
-        where = predicting(batch["answer"]) if update.config.count_on == "answer" else batch["attention_mask"]
-        rows = update.rows(slot_counts(model, where))
+        rows = update.rows(slot_counts(model, counted_positions(batch, update.config.count_on)))
         _sync(device)
         selection = time.perf_counter() - select_start
     update.optimizer.step(rows)

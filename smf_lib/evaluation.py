@@ -36,11 +36,14 @@ def token_f1(completion: str, answer: str) -> float:
 @torch.no_grad()
 def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
     """Greedy completions of `prompts`, batched with left padding, in the order given."""
+    if not prompts:
+        return []
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Batch prompts of similar length together: less padding to compute.
-    order = sorted(range(len(prompts)), key=lambda i: len(tokenizer(prompts[i])["input_ids"]))
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    order = sorted(range(len(prompts)), key=lengths.__getitem__)
     outputs: list[str] = [""] * len(prompts)
     try:
         for start in range(0, len(order), batch_size):

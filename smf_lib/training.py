@@ -102,6 +102,11 @@ def predicting(targets: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def counted_positions(batch: dict[str, torch.Tensor], count_on: str) -> torch.Tensor:
+    """The positions whose slot reads are counted: those predicting an answer token, or every real token."""
+    return predicting(batch["answer"]) if count_on == "answer" else batch["attention_mask"]
+
+
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_on: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss over the trained tokens, and how many tokens that is."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -209,7 +214,7 @@ def train(
             # DDP averages gradients over processes: scale so the result is the mean over the whole batch.
             accelerator.backward(loss_sum * world / n_tokens.clamp_min(1))
             if sparse:
-                where = predicting(batch["answer"]) if config.count_on == "answer" else batch["attention_mask"]
+                where = counted_positions(batch, config.count_on)
                 counts = {i: accelerator.reduce(c, "sum") for i, c in slot_counts(model, where).items()}
         if sparse:
             rows = update.rows(counts)
