@@ -193,6 +193,19 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def method_summary(setup: Setup, run: MethodRun) -> dict:
+    """The `summary["methods"]` entry of a run trained on `setup.facts`: final learning and forgetting, cost."""
+    last = run.checkpoints[-1] if run.checkpoints else {}
+    if last.get("step") == run.steps:  # the last checkpoint already scored the final model: add paraphrases only
+        final = {**last, "paraphrase_recall": paraphrase_recall(run.model, setup.tokenizer, setup.facts)}
+    else:
+        final = evaluate(setup, run.model)
+    keys = ("fact_recall", "paraphrase_recall", "heldout_ppl", "ppl_increase_pct", "known_fact_acc", "known_fact_drop_pct")
+    return {**{k: final[k] for k in keys}, "params_trained": run.params_trained,
+            "params_changed": params_changed(setup.model, run.model), "steps": run.steps,
+            "train_seconds": run.train_seconds, "peak_rss_mb": peak_rss_mb(), "lr": run.lr}
+
+
 def run_experiment(profile: str, methods: Sequence[str] = DEFAULT_METHODS, facts_path: str | Path | None = None,
                    out: str | Path | None = None, seed: int = 0, progress: bool = True) -> dict:
     """Retrofit, collect statistics, train every method to matched learning, evaluate, write the results."""
@@ -208,14 +221,7 @@ def run_experiment(profile: str, methods: Sequence[str] = DEFAULT_METHODS, facts
     for method in methods:
         lr, sweep = sweep_lr(setup, method, seed, progress)
         run = train_method(setup, method, lr, seed=seed, progress=progress)
-        final = {**run.checkpoints[-1], **evaluate(setup, run.model)}
-        final.pop("step", None)
-        summary["methods"][method] = {
-            **{k: final[k] for k in ("fact_recall", "paraphrase_recall", "heldout_ppl", "ppl_increase_pct",
-                                     "known_fact_acc", "known_fact_drop_pct")},
-            "params_trained": run.params_trained, "params_changed": params_changed(setup.model, run.model),
-            "steps": run.steps, "train_seconds": run.train_seconds, "peak_rss_mb": peak_rss_mb(), "lr": lr,
-        }
+        summary["methods"][method] = method_summary(setup, run)
         summary["sweeps"][method] = sweep
         summary["checkpoints"][method] = run.checkpoints
         del run

@@ -165,7 +165,8 @@ def _prepare_dense(model: torch.nn.Module, config: TrainConfig):
         for p in model.parameters():
             p.requires_grad_(id(p) not in memory)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one pass over each tensor instead of a dozen elementwise ops (CPU and CUDA both have the kernel)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     return model, optimizer, sum(p.numel() for p in params)
 
 

@@ -197,21 +197,11 @@ def completion_table(prompts: Sequence[str], answers: Sequence[str], **columns: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def method_summary(setup, run) -> dict:
-    """The `summary["methods"][name]` entry of `experiment.run_experiment` for one `MethodRun`: final learning and
-    forgetting (with paraphrases), parameters trained and changed, steps and time."""
-    from .experiment import evaluate, params_changed, peak_rss_mb
-
-    final = {**(run.checkpoints[-1] if run.checkpoints else {}), **evaluate(setup, run.model)}
-    keys = ("fact_recall", "paraphrase_recall", "heldout_ppl", "ppl_increase_pct", "known_fact_acc", "known_fact_drop_pct")
-    return {**{k: final[k] for k in keys}, "params_trained": run.params_trained,
-            "params_changed": params_changed(setup.model, run.model), "steps": run.steps,
-            "train_seconds": run.train_seconds, "peak_rss_mb": peak_rss_mb(), "lr": run.lr}
-
-
 def summary_from_runs(setup, runs: Sequence, target: float, seed: int = 0) -> dict:
     """A summary dict shaped like `run_experiment`'s (so `format_report` and `plot_pareto` read it) from a `Setup`
     and `MethodRun`s trained on `setup.facts` (evaluation covers exactly those facts)."""
+    from .experiment import method_summary
+
     summary = {"profile": setup.profile, "model": setup.model_name, "seed": seed, "n_facts": len(setup.facts),
                "retrofit": setup.retrofit_info, "base": setup.base, "methods": {}, "sweeps": {}, "checkpoints": {},
                "target_recall": target}
@@ -228,7 +218,7 @@ def compare_methods(setup, methods: Sequence[str], lrs: Mapping[str, float], max
 
     A smaller, sweep-free version of `run_experiment` for notebooks: each trained copy is evaluated and then freed.
     """
-    from .experiment import train_method
+    from .experiment import method_summary, train_method
 
     summary = summary_from_runs(setup, [], target, seed)
     for method in methods:
