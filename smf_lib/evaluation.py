@@ -73,6 +73,13 @@ def fact_recall(model, tokenizer, facts: Sequence[Fact]) -> float:
     return recall(model, tokenizer, [f.probe for f in facts], [[f.answer] for f in facts])[0]
 
 
+def recall_and_known(model, tokenizer, facts: Sequence[Fact], known: Sequence[KnownFact]) -> tuple[float, list[bool]]:
+    """`fact_recall` and `known_correct` from one batched generation over both prompt sets (fewer, fuller batches)."""
+    completions = complete(model, tokenizer, [f.probe for f in facts] + [k.prompt for k in known])
+    hits = [contains_answer(c, [f.answer]) for c, f in zip(completions, facts)]
+    return sum(hits) / max(len(hits), 1), _answered(completions[len(facts):], known)
+
+
 def paraphrase_recall(model, tokenizer, facts: Sequence[Fact]) -> float:
     """Share of held-out question forms (never trained on) answered correctly."""
     prompts = [q for f in facts for q in f.heldout]
@@ -82,7 +89,10 @@ def paraphrase_recall(model, tokenizer, facts: Sequence[Fact]) -> float:
 
 def known_correct(model, tokenizer, known: Sequence[KnownFact]) -> list[bool]:
     """Which known facts the model answers correctly."""
-    completions = complete(model, tokenizer, [k.prompt for k in known])
+    return _answered(complete(model, tokenizer, [k.prompt for k in known]), known)
+
+
+def _answered(completions: Sequence[str], known: Sequence[KnownFact]) -> list[bool]:
     return [contains_answer(c, k.answers()) for c, k in zip(completions, known)]
 
 

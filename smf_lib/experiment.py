@@ -17,7 +17,7 @@ import torch
 
 from .calibration import calibrate_queries
 from .data import Fact, KnownFact, load_background, load_facts, load_heldout_text, load_known_facts
-from .evaluation import fact_recall, known_correct, paraphrase_recall, perplexity
+from .evaluation import fact_recall, known_correct, paraphrase_recall, perplexity, recall_and_known
 from .models import PROFILES, load_base_model
 from .retrofit import MemoryConfig, memory_layers, retrofit
 from .stats import SlotStats, collect_background
@@ -112,8 +112,9 @@ def prepare(profile: str, facts_path: str | Path | None = None, seed: int = 0, p
 def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
     """Learning and forgetting of `model` against the setup's base scores (`full=False`: skip paraphrases)."""
     ppl = perplexity(model, setup.tokenizer, setup.heldout)
-    known_acc = sum(known_correct(model, setup.tokenizer, setup.known)) / max(len(setup.known), 1)
-    result = {"fact_recall": fact_recall(model, setup.tokenizer, setup.facts), "heldout_ppl": ppl,
+    recall, known_ok = recall_and_known(model, setup.tokenizer, setup.facts, setup.known)
+    known_acc = sum(known_ok) / max(len(setup.known), 1)
+    result = {"fact_recall": recall, "heldout_ppl": ppl,
               "ppl_increase_pct": 100 * (ppl / setup.base["heldout_ppl"] - 1), "known_fact_acc": known_acc,
               "known_fact_drop_pct": 100 * (1 - known_acc) if setup.known else 0.0}
     if full:
