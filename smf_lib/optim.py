@@ -5,12 +5,6 @@ from __future__ import annotations
 import torch
 
 
-def grad_rows(table: torch.nn.Parameter, rows: torch.Tensor) -> torch.Tensor:
-    """The gradient of `table[rows]`, dense, whether `table.grad` is dense or sparse (duplicate entries summed)."""
-    grad = table.grad
-    return grad.index_select(0, rows).to_dense() if grad.is_sparse else grad[rows]
-
-
 class RowSGD:
     """SGD without momentum on chosen rows (Lin et al.'s choice for sparse memory finetuning)."""
 
@@ -22,7 +16,7 @@ class RowSGD:
         """Update `tables[j][rows[j]]` from their gradients; every other row stays exactly as it was."""
         for table, r in zip(self.tables, rows):
             if len(r):
-                table[r] -= self.lr * grad_rows(table, r)
+                table[r] -= self.lr * table.grad[r]
 
 
 class RowAdam:
@@ -60,7 +54,7 @@ class RowAdam:
                 s["m"] = torch.cat([s["m"], table.new_zeros(len(new), table.shape[1])])
                 s["v"] = torch.cat([s["v"], table.new_zeros(len(new), table.shape[1])])
                 s["steps"] = torch.cat([s["steps"], table.new_zeros(len(new))])
-            slot, g = s["slot_of"][r], grad_rows(table, r)
+            slot, g = s["slot_of"][r], table.grad[r]
             s["steps"][slot] += 1
             m = s["m"][slot].mul_(b1).add_(g, alpha=1 - b1)
             v = s["v"][slot].mul_(b2).addcmul_(g, g, value=1 - b2)

@@ -117,8 +117,7 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_
 class SparseUpdate:
     """Chooses the value rows to update from the batch's slot counts, then updates only them."""
 
-    def __init__(self, model: torch.nn.Module, config: TrainConfig, background: SlotStats | None,
-                 sparse_grads: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, background: SlotStats | None) -> None:
         if config.method != "smf_random" and background is None:
             raise ValueError(f"{config.method} needs background statistics: pass background=collect_background(...).")
         self.layers, self.config, self.background = memory_layers(model), config, background
@@ -129,9 +128,6 @@ class SparseUpdate:
             p.requires_grad_(False)
         for t in tables:
             t.requires_grad_(True)
-        for m in self.layers:
-            # Sparse: the backward pass writes only the rows the batch read, not a zero-filled copy of every table.
-            m.values.sparse = sparse_grads
         opt = RowAdam if config.optimizer == "adam" else RowSGD
         kwargs = {"weight_decay": config.weight_decay} if config.optimizer == "adam" else {}
         self.optimizer = opt(tables, config.lr, **kwargs)
@@ -191,8 +187,7 @@ def train(
     model.eval()  # no dropout: these models have none, and the result stays deterministic
     sparse = config.method in SPARSE_METHODS
     if sparse:
-        # DDP all-reduces dense gradients (NCCL has no sparse all-reduce): sparse ones on a single process only.
-        update = SparseUpdate(model, config, background, sparse_grads=accelerator.num_processes == 1)
+        update = SparseUpdate(model, config, background)
         params_trained = update.params_trained
     else:
         model, optimizer, params_trained = _prepare_dense(model, config)
@@ -247,6 +242,4 @@ def train(
         model = model.merge_and_unload()
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in memory_layers(model):
-        m.values.sparse = False
     return model, history

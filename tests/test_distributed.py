@@ -28,9 +28,9 @@ def test_two_processes_match_one(tmp_path):
     for key in single:
         # The same rows are selected and moved on every step ...
         assert torch.equal(single[key] != 0, double[key] != 0), key
-        # ... by the same amounts, up to float rounding: one process sums sparse value gradients, two all-reduce
-        # dense ones, each over its own padding width. Four steps of training on a random model amplify that to
-        # ~1.3% of the largest value; a gradient that was not averaged, or counted twice, would be off by 2x.
-        assert torch.allclose(single[key], double[key], rtol=3e-2, atol=3e-2 * single[key].abs().max().item()), key
+        # ... by the same amounts, up to float rounding (another summation order and padding width per process),
+        # which four steps of training on a random model amplify to ~0.2% of the largest value: a gradient that
+        # was not averaged, or counted twice, would be off by 2x.
+        assert torch.allclose(single[key], double[key], rtol=1e-2, atol=1e-2 * single[key].abs().max().item()), key
     changed = sum(int((single[k] != 0).sum()) for k in single if k.endswith("values.weight"))
     assert changed > 0
