@@ -77,16 +77,69 @@ class SlotStats:
                    int(meta["n_batches"]), int(meta["n_tokens"]))
 
 
+@dataclass
+class LayerInputs:
+    """Each memory layer's input at every real token of some texts (`x`: layer index -> tokens x dim), and the
+    index of the text each token came from (`text`, ascending).
+
+    While every value row is zero the memory adds nothing to the residual stream, so these inputs do not depend on
+    the memory's queries or keys: one pass over the background serves query calibration and slot statistics.
+    """
+
+    x: dict[int, torch.Tensor]
+    text: torch.Tensor
+    n_texts: int
+
+    def check(self, texts: Sequence[str]) -> None:
+        """Raise if these inputs were not captured from `len(texts)` texts."""
+        if self.n_texts != len(texts):
+            raise ValueError(f"`inputs` were captured from {self.n_texts} texts, not these {len(texts)}; "
+                             "capture them with layer_inputs(model, tokenizer, texts) on the same texts.")
+
+
+@torch.no_grad()
+def layer_inputs(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128,
+                 progress: bool = True) -> LayerInputs:
+    """Run `texts` through the model once and keep every memory layer's input at their real tokens."""
+    layers = memory_layers(model)
+    if not layers:
+        raise ValueError("layer_inputs needs a retrofitted model: call retrofit(model) first.")
+    captured: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in layers}
+    mask: list[torch.Tensor] = []
+
+    def keep(module, args):
+        captured[module.layer_index].append(args[0][mask[0]])
+
+    hooks = [m.register_forward_pre_hook(keep) for m in layers]
+    device = next(model.parameters()).device
+    text = []
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc="memory-layer inputs", disable=not progress):
+            batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                              truncation=True, max_length=max_length).to(device)
+            mask[:] = [batch["attention_mask"].bool()]
+            model(**batch)
+            rows = torch.arange(start, start + len(mask[0]), device=device).unsqueeze(1).expand_as(mask[0])
+            text.append(rows[mask[0]])
+    finally:
+        for h in hooks:
+            h.remove()
+    return LayerInputs({i: torch.cat(x) for i, x in captured.items()}, torch.cat(text), len(texts))
+
+
 @torch.no_grad()
 def collect_background(
     model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128,
-    progress: bool = True,
+    progress: bool = True, inputs: LayerInputs | None = None,
 ) -> SlotStats:
     """Stream `texts` through the model and accumulate slot statistics (memory O(slots), not O(tokens)).
 
     Each text counts as one background batch for the document frequency, like the single-example batches of
-    Lin et al.; `batch_size` only sets how many texts share a forward pass.
+    Lin et al.; `batch_size` only sets how many texts share a forward pass. `inputs` (from `layer_inputs` on the
+    same texts) skips the forward passes; they stay valid only while every value row is zero.
     """
+    if inputs is not None:
+        return _background_from_inputs(model, texts, inputs, batch_size)
     layers = memory_layers(model)
     counts = {m.layer_index: torch.zeros(m.n_slots, dtype=torch.float64) for m in layers}
     doc_freq = {m.layer_index: torch.zeros(m.n_slots, dtype=torch.float64) for m in layers}
@@ -104,6 +157,30 @@ def collect_background(
                 doc_freq[m.layer_index] += (per_text > 0).sum(0)
             n_tokens += int(mask.sum())
     return SlotStats(counts, doc_freq, len(texts), n_tokens)
+
+
+def _background_from_inputs(model: torch.nn.Module, texts: Sequence[str], inputs: LayerInputs, batch_size: int) -> SlotStats:
+    """Slot statistics from captured layer inputs: each layer's lookup on them, `batch_size` texts at a time."""
+    inputs.check(texts)
+    layers = memory_layers(model)
+    if any(m.values.weight.any() for m in layers):
+        raise ValueError("Captured layer inputs are only valid while every value row is zero (the memory adds "
+                         "nothing); this memory has been trained, so pass the texts without `inputs`.")
+    bounds = torch.searchsorted(inputs.text, torch.arange(0, inputs.n_texts + batch_size, batch_size, device=inputs.text.device))
+    counts, doc_freq = {}, {}
+    for m in layers:
+        counts[m.layer_index] = torch.zeros(m.n_slots, dtype=torch.float64)
+        doc_freq[m.layer_index] = torch.zeros(m.n_slots, dtype=torch.float64)
+        for first, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+            scores, idx = m.lookup(inputs.x[m.layer_index][lo:hi])
+            w = torch.softmax(scores / m.temperature, dim=-1)
+            n = min(batch_size, inputs.n_texts - first * batch_size)
+            text = (inputs.text[lo:hi] - first * batch_size).view(-1, 1, 1).expand_as(idx)
+            per_text = torch.bincount((text * m.n_slots + idx).reshape(-1), w.reshape(-1).double(),
+                                      minlength=n * m.n_slots).view(n, m.n_slots).cpu()
+            counts[m.layer_index] += per_text.sum(0)
+            doc_freq[m.layer_index] += (per_text > 0).sum(0)
+    return SlotStats(counts, doc_freq, inputs.n_texts, len(inputs.text))
 
 
 def _per_text_counts(memory: ProductKeyMemory, mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,47 @@
+"""One pass over the background: query calibration and slot statistics from the same captured layer inputs."""
+
+import pytest
+import torch
+
+from smf_lib.calibration import calibrate_queries
+from smf_lib.data import load_background
+from smf_lib.models import load_base_model
+from smf_lib.retrofit import MemoryConfig, memory_layers, retrofit
+from smf_lib.stats import collect_background, layer_inputs
+
+
+def fresh_memory():
+    model, tokenizer = load_base_model("tiny")
+    return retrofit(model, MemoryConfig(n_keys=16, topk=4, key_dim=32)), tokenizer
+
+
+def test_captured_inputs_give_the_same_calibration_and_statistics():
+    texts = load_background()[:21]  # not a multiple of the batch size: the last chunk is short
+    streamed, tokenizer = fresh_memory()
+    calibrate_queries(streamed, tokenizer, texts, seed=3, progress=False)
+    expected = collect_background(streamed, tokenizer, texts, batch_size=8, progress=False)
+
+    shared, _ = fresh_memory()
+    inputs = layer_inputs(shared, tokenizer, texts, progress=False)
+    calibrate_queries(shared, tokenizer, texts, seed=3, inputs=inputs)
+    for a, b in zip(memory_layers(streamed), memory_layers(shared)):
+        torch.testing.assert_close(a.query.weight, b.query.weight)
+    got = collect_background(shared, tokenizer, texts, batch_size=8, inputs=inputs)
+
+    assert (got.n_batches, got.n_tokens) == (expected.n_batches, expected.n_tokens) == (21, len(inputs.text))
+    for i in expected.counts:
+        torch.testing.assert_close(got.counts[i], expected.counts[i], rtol=1e-5, atol=1e-6)
+        assert (got.doc_freq[i] - expected.doc_freq[i]).abs().sum() <= 2  # a weight at the underflow edge may differ
+        assert expected.counts[i].sum() == pytest.approx(expected.n_tokens * memory_layers(shared)[0].heads)
+
+
+def test_captured_inputs_refuse_other_texts_and_trained_memory():
+    model, tokenizer = fresh_memory()
+    texts = load_background()[:6]
+    inputs = layer_inputs(model, tokenizer, texts, progress=False)
+    with pytest.raises(ValueError, match="captured from 6 texts"):
+        calibrate_queries(model, tokenizer, texts[:5], inputs=inputs)
+    with torch.no_grad():
+        memory_layers(model)[0].values.weight[3] = 1.0
+    with pytest.raises(ValueError, match="every value row is zero"):
+        collect_background(model, tokenizer, texts, inputs=inputs)
