@@ -20,7 +20,7 @@ from .data import Fact, KnownFact, load_background, load_facts, load_heldout_tex
 from .evaluation import fact_recall, known_correct, paraphrase_recall, perplexity, recall_and_known
 from .models import PROFILES, load_base_model
 from .retrofit import MemoryConfig, memory_layers, retrofit
-from .stats import SlotStats, collect_background
+from .stats import SlotStats, collect_background, layer_inputs
 from .training import DEFAULT_LR, METHODS, TrainConfig, train
 
 DEFAULT_METHODS = ("smf_kl", "smf_tfidf", "full_ft", "lora")
@@ -50,10 +50,11 @@ PROFILE_SETTINGS = {
     # 65,536 slots per layer (cpu and gpu): with 16,384, 100 facts rewrote about half of all value rows, and known
     # facts that share a template with them were lost. On SmolLM2's 30 blocks the cpu run puts the memory in the
     # upper half, which shortens the backward pass; at 65,536 slots, blocks 7/15/22 learned and forgot about as much.
-    # Perplexity on 40 of the 80 held-out paragraphs (3,600 tokens): each checkpoint's evaluation takes 7 s less.
-    "cpu": ProfileSettings(n_facts=100, max_steps=210, eval_every=30, batch_size=16, n_heldout=40,
+    # Perplexity on 24 of the 80 held-out paragraphs (2,161 tokens): a checkpoint's evaluation takes 11 s less, and
+    # the change is measured on the same text before and after training.
+    "cpu": ProfileSettings(n_facts=100, max_steps=210, eval_every=30, batch_size=16, n_heldout=24,
                            memory=MemoryConfig(n_keys=256, layers=(15, 22, 27)),
-                           lr_grid={"full_ft": (3e-5, 1e-4), "lora": (3e-4, 1e-3)}, sweep_steps=30),
+                           lr_grid={"full_ft": (3e-5, 1e-4), "lora": (3e-4, 1e-3)}),
     "gpu": ProfileSettings(n_facts=240, max_steps=300, eval_every=25, batch_size=16, memory=MemoryConfig(n_keys=256),
                            lr_grid={"full_ft": (1e-5, 3e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3),
                                     "smf_kl": (0.1, 0.3, 1.0), "smf_tfidf": (0.1, 0.3, 1.0)}),
@@ -98,14 +99,16 @@ def prepare(profile: str, facts_path: str | Path | None = None, seed: int = 0, p
             "fact_recall": fact_recall(model, tokenizer, facts), "paraphrase_recall": paraphrase_recall(model, tokenizer, facts),
             "known_facts_total": len(known_all), "known_facts_kept_by_base": len(known)}
     retrofit(model, replace(settings.memory, seed=seed))
-    calibrate_queries(model, tokenizer, background_texts, seed=seed, progress=progress)
+    # The fresh memory adds nothing, so its inputs do not depend on its queries: one pass serves both steps.
+    inputs = layer_inputs(model, tokenizer, background_texts, progress=progress)
+    calibrate_queries(model, tokenizer, background_texts, seed=seed, inputs=inputs)
     with torch.no_grad():
         diff = (model(**batch).logits - base_logits).abs().max().item()
     layers = memory_layers(model)
     retrofit_info = {"layers": [m.layer_index for m in layers], "slots_per_layer": layers[0].n_slots,
                      "memory_params": sum(p.numel() for m in layers for p in m.parameters()),
                      "max_abs_logit_diff": diff}
-    background = collect_background(model, tokenizer, background_texts, progress=progress)
+    background = collect_background(model, tokenizer, background_texts, inputs=inputs)
     return Setup(profile, model_name, model, tokenizer, facts, known, heldout, background, base, retrofit_info)
 
 
