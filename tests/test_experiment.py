@@ -55,3 +55,16 @@ def test_malformed_facts_file_names_file_and_line(tmp_path):
 def test_unknown_method_is_a_clear_error(tmp_path):
     result = _run("--profile", "tiny", "--methods", "smf_kl,magic", "--out", str(tmp_path))
     assert result.returncode == 2 and "magic" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc setting")
+def test_command_line_keeps_freed_memory_in_the_heap():
+    import ctypes
+
+    from smf_lib.__main__ import keep_freed_memory
+
+    try:
+        ctypes.CDLL("libc.so.6")
+    except OSError:
+        pytest.skip("not glibc")
+    assert keep_freed_memory()
