@@ -171,11 +171,11 @@ def _background_from_inputs(model: torch.nn.Module, texts: Sequence[str], inputs
     for m in layers:
         counts[m.layer_index] = torch.zeros(m.n_slots, dtype=torch.float64)
         doc_freq[m.layer_index] = torch.zeros(m.n_slots, dtype=torch.float64)
-        for first, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        for chunk, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
             scores, idx = m.lookup(inputs.x[m.layer_index][lo:hi])
             w = torch.softmax(scores / m.temperature, dim=-1)
-            n = min(batch_size, inputs.n_texts - first * batch_size)
-            text = (inputs.text[lo:hi] - first * batch_size).view(-1, 1, 1).expand_as(idx)
+            n = min(batch_size, inputs.n_texts - chunk * batch_size)
+            text = (inputs.text[lo:hi] - chunk * batch_size).view(-1, 1, 1).expand_as(idx)
             per_text = torch.bincount((text * m.n_slots + idx).reshape(-1), w.reshape(-1).double(),
                                       minlength=n * m.n_slots).view(n, m.n_slots).cpu()
             counts[m.layer_index] += per_text.sum(0)
