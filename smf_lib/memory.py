@@ -73,12 +73,16 @@ class ProductKeyMemory(nn.Module):
         indices = idx1.gather(-1, first[best]) * self.n_keys + idx2.gather(-1, second[best])
         return scores, indices
 
+    def address(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots each token of `x` (tokens, dim) reads and their softmax weights: `(indices, weights)`."""
+        scores, indices = self.lookup(x)
+        return indices, torch.softmax(scores / self.temperature, dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Read the memory for every position of `x` (..., dim)."""
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.dim)
-        scores, indices = self.lookup(flat)
-        weights = torch.softmax(scores / self.temperature, dim=-1)
+        indices, weights = self.address(flat)
         if self.recording:
             shape = (*lead, self.heads, self.topk)
             self.last_access = SlotAccess(indices.view(shape), weights.detach().view(shape))

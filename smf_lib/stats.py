@@ -151,10 +151,11 @@ def collect_background(
                               truncation=True, max_length=max_length).to(device)
             model(**batch)
             mask = batch["attention_mask"].bool()
+            text = torch.arange(len(mask), device=device).unsqueeze(1).expand_as(mask)[mask]
             for m in layers:
-                per_text = _per_text_counts(m, mask).cpu()
-                counts[m.layer_index] += per_text.sum(0)
-                doc_freq[m.layer_index] += (per_text > 0).sum(0)
+                access = m.last_access
+                _add_texts(counts[m.layer_index], doc_freq[m.layer_index], access.indices[mask], access.weights[mask],
+                           text, len(mask))
             n_tokens += int(mask.sum())
     return SlotStats(counts, doc_freq, len(texts), n_tokens)
 
@@ -167,26 +168,22 @@ def _background_from_inputs(model: torch.nn.Module, texts: Sequence[str], inputs
         raise ValueError("Captured layer inputs are only valid while every value row is zero (the memory adds "
                          "nothing); this memory has been trained, so pass the texts without `inputs`.")
     bounds = torch.searchsorted(inputs.text, torch.arange(0, inputs.n_texts + batch_size, batch_size, device=inputs.text.device))
-    counts, doc_freq = {}, {}
+    counts = {m.layer_index: torch.zeros(m.n_slots, dtype=torch.float64) for m in layers}
+    doc_freq = {m.layer_index: torch.zeros(m.n_slots, dtype=torch.float64) for m in layers}
     for m in layers:
-        counts[m.layer_index] = torch.zeros(m.n_slots, dtype=torch.float64)
-        doc_freq[m.layer_index] = torch.zeros(m.n_slots, dtype=torch.float64)
         for chunk, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
-            scores, idx = m.lookup(inputs.x[m.layer_index][lo:hi])
-            w = torch.softmax(scores / m.temperature, dim=-1)
-            n = min(batch_size, inputs.n_texts - chunk * batch_size)
-            text = (inputs.text[lo:hi] - chunk * batch_size).view(-1, 1, 1).expand_as(idx)
-            per_text = torch.bincount((text * m.n_slots + idx).reshape(-1), w.reshape(-1).double(),
-                                      minlength=n * m.n_slots).view(n, m.n_slots).cpu()
-            counts[m.layer_index] += per_text.sum(0)
-            doc_freq[m.layer_index] += (per_text > 0).sum(0)
+            indices, weights = m.address(inputs.x[m.layer_index][lo:hi])
+            _add_texts(counts[m.layer_index], doc_freq[m.layer_index], indices, weights,
+                       inputs.text[lo:hi] - chunk * batch_size, min(batch_size, inputs.n_texts - chunk * batch_size))
     return SlotStats(counts, doc_freq, inputs.n_texts, len(inputs.text))
 
 
-def _per_text_counts(memory: ProductKeyMemory, mask: torch.Tensor) -> torch.Tensor:
-    """Soft access counts per sequence of the last recorded batch: (batch, slots)."""
-    idx, w = memory.last_access.indices, memory.last_access.weights
-    rows = torch.arange(len(idx), device=idx.device).view(-1, 1, 1, 1).expand_as(idx)
-    flat = (rows * memory.n_slots + idx)[mask].reshape(-1)
-    total = torch.bincount(flat, w[mask].reshape(-1).double(), minlength=len(idx) * memory.n_slots)
-    return total.view(len(idx), memory.n_slots)
+def _add_texts(counts: torch.Tensor, doc_freq: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+               text: torch.Tensor, n_texts: int) -> None:
+    """Add a chunk of texts to one layer's statistics, from each token's slot reads (tokens, heads, topk) and
+    the index of its text within the chunk: soft counts, and how many texts read each slot."""
+    n_slots = len(counts)
+    flat = (text.view(-1, 1, 1) * n_slots + indices).reshape(-1)
+    per_text = torch.bincount(flat, weights.reshape(-1).double(), minlength=n_texts * n_slots).view(n_texts, n_slots).cpu()
+    counts += per_text.sum(0)
+    doc_freq += (per_text > 0).sum(0)
