@@ -1,10 +1,17 @@
-"""`python -m smf_lib run` end to end on the tiny profile: the result-file contract, and clear errors."""
+"""`python -m smf_lib run` end to end on the tiny profile: the result-file contract, clear errors, and the
+per-layer attribution of a trained memory."""
 
+import copy
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from smf_lib.experiment import evaluate, layer_attribution, prepare
+from smf_lib.models import load_base_model
+from smf_lib.retrofit import memory_layers
 
 METHOD_KEYS = {"fact_recall", "paraphrase_recall", "heldout_ppl", "ppl_increase_pct", "known_fact_acc",
                "known_fact_drop_pct", "params_trained", "params_changed", "steps", "train_seconds", "peak_rss_mb"}
@@ -68,3 +75,21 @@ def test_command_line_keeps_freed_memory_in_the_heap():
     except OSError:
         pytest.skip("not glibc")
     assert keep_freed_memory()
+
+
+def test_layer_attribution_keeps_one_layer_at_a_time():
+    setup = prepare("tiny", progress=False)
+    model = copy.deepcopy(setup.model)
+    first, *others = memory_layers(model)
+    with torch.no_grad():  # "train" the first memory layer only
+        first.values.weight[:64] = torch.randn(64, first.value_dim, generator=torch.Generator().manual_seed(0))
+    before = [m.values.weight.clone() for m in memory_layers(model)]
+    result = layer_attribution(setup, model)
+    assert list(result) == [m.layer_index for m in memory_layers(model)]
+    assert result[first.layer_index] == evaluate(setup, model, full=False)
+    untrained = evaluate(setup, setup.model, full=False)
+    assert untrained["heldout_ppl"] != result[first.layer_index]["heldout_ppl"]
+    assert all(result[m.layer_index] == untrained for m in others)
+    assert all(torch.equal(m.values.weight, b) for m, b in zip(memory_layers(model), before))  # left as it was
+    with pytest.raises(ValueError, match="sparse method"):
+        layer_attribution(setup, load_base_model("tiny")[0])  # no memory at all
