@@ -193,17 +193,17 @@ def layer_attribution(setup: Setup, model: torch.nn.Module) -> dict[int, dict]:
     Tells which layer does the learning and which the forgetting (`{layer index: evaluate(...) scores}`). `model`
     must be a sparse-trained copy of `setup.model`; it is left as it was.
     """
-    start = {m.layer_index: m.values.weight for m in memory_layers(setup.model)}
+    untrained = {m.layer_index: m.values.weight for m in memory_layers(setup.model)}
     layers = memory_layers(model)
-    if sorted(start) != sorted(m.layer_index for m in layers):
+    if sorted(untrained) != sorted(m.layer_index for m in layers):
         raise ValueError(f"`model` has memory in layers {[m.layer_index for m in layers]}, the setup's model in "
-                         f"{sorted(start)}: pass a copy of setup.model trained with a sparse method.")
+                         f"{sorted(untrained)}: pass a copy of setup.model trained with a sparse method.")
     trained = {m.layer_index: m.values.weight.detach().clone() for m in layers}
     result = {}
     try:
         for kept in trained:
             for m in layers:
-                m.values.weight.copy_(trained[m.layer_index] if m.layer_index == kept else start[m.layer_index])
+                m.values.weight.copy_(trained[m.layer_index] if m.layer_index == kept else untrained[m.layer_index])
             result[kept] = evaluate(setup, model, full=False)
     finally:
         for m in layers:
