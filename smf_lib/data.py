@@ -2,15 +2,28 @@
 
 All files are JSON Lines (one JSON object per line, blank lines skipped). A malformed line raises
 ``DataFormatError`` with the file, the 1-based line number, what is wrong and how to fix it.
+
+Every loader also takes a ``datasets.Dataset`` (or any iterable of dicts) or, when the string is not a
+local file, a Hugging Face hub dataset id ``"owner/name"`` or ``"owner/name:split"`` (split ``train`` by
+default). Their rows pass the same checks; an error names the dataset and the 0-based row, as in
+``dataset[row]``. ``facts_dataset``, ``known_facts_dataset`` and ``texts_dataset`` return the sets as
+``datasets.Dataset`` objects. The ``datasets`` package is imported only when one of these is used.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from .hub import hub_reachable
+
+if TYPE_CHECKING:
+    import datasets
 
 DATA_DIR = Path(os.environ.get("SMF_DATA_DIR", Path(__file__).resolve().parent.parent / "data"))
 
@@ -93,22 +106,80 @@ def _unique_id(record: dict, where: str, seen: set[str]) -> str:
     """The record's id, checked to be new."""
     id_ = _text(record, "id", where)
     if id_ in seen:
-        raise DataFormatError(f"{where}: duplicate id {id_!r}; every line needs its own id")
+        raise DataFormatError(f"{where}: duplicate id {id_!r}; every line or row needs its own id")
     seen.add(id_)
     return id_
 
 
-def _resolve(path: str | Path | None, name: str) -> Path:
-    """The given path, or the bundled file of that name."""
-    return Path(path) if path is not None else DATA_DIR / name
+# A local file path, a hub dataset id "owner/name[:split]", a datasets.Dataset or other rows of dicts.
+Source: TypeAlias = "str | Path | datasets.Dataset | Iterable[dict[str, Any]] | None"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
+_FILE_SUFFIXES = {".jsonl", ".json", ".txt", ".csv", ".tsv", ".parquet", ".arrow", ".gz", ".zip", ".py"}
 
 
-def load_facts(path: str | Path | None = None, limit: int | None = None) -> list[Fact]:
+def _is_hub_id(text: str) -> bool:
+    """Whether ``text`` looks like "owner/name[:split]" rather than a file path, and is no local file."""
+    return (_HUB_ID.fullmatch(text) is not None and not os.path.exists(text)
+            and Path(text.split(":")[0]).suffix.lower() not in _FILE_SUFFIXES)
+
+
+def _datasets() -> Any:
+    """The ``datasets`` package, imported on first use."""
+    try:
+        import datasets
+    except ImportError:
+        raise ModuleNotFoundError("Hugging Face datasets support needs the `datasets` package: "
+                                  "pip install datasets") from None
+    return datasets
+
+
+def _hub_dataset(spec: str) -> datasets.Dataset:
+    """Load the hub dataset "owner/name[:split]", failing within seconds when the hub is unreachable."""
+    from huggingface_hub import constants
+
+    name, _, split = spec.partition(":")
+    unreachable = (f"data file not found: {spec!r} does not exist locally, and the Hugging Face hub is "
+                   "unreachable (offline), so it cannot be loaded as a hub dataset id either")
+    # In offline mode set before start-up, load_dataset fails at once or uses the local cache.
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():
+        raise FileNotFoundError(unreachable)
+    datasets = _datasets()
+    try:
+        return datasets.load_dataset(name, split=split or "train")
+    except ConnectionError:
+        raise FileNotFoundError(unreachable) from None
+    except Exception as e:  # unknown id, missing split, bad files: one clear line instead
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise FileNotFoundError(f"data file not found: {spec!r} does not exist locally, and loading it from "
+                                f"the Hugging Face hub failed: {type(e).__name__}: {reason}") from None
+
+
+def _rows(rows: Iterable[Any], label: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ("LABEL row N", record) for each row of a dataset; None values count as missing keys."""
+    for number, row in enumerate(rows):
+        where = f"{label} row {number}"
+        if not isinstance(row, dict):
+            raise DataFormatError(f"{where}: expected a dict per row, got {type(row).__name__} "
+                                  "(for a DatasetDict, pass one split, e.g. dataset['train'])")
+        yield where, {k: v for k, v in row.items() if v is not None}
+
+
+def _source(source: Source, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The records of a local file, a hub dataset id, a dataset object, or the bundled file ``name``."""
+    if source is None:
+        return _records(DATA_DIR / name)
+    if isinstance(source, str) and _is_hub_id(source):
+        return _rows(_hub_dataset(source), source)
+    if isinstance(source, (str, os.PathLike)):
+        return _records(Path(source))
+    return _rows(source, "dataset")
+
+
+def load_facts(path: Source = None, limit: int | None = None) -> list[Fact]:
     """Load new facts (default ``data/new_facts.jsonl``), optionally only the first ``limit``."""
-    path = _resolve(path, "new_facts.jsonl")
     facts: list[Fact] = []
     seen: set[str] = set()
-    for where, record in _records(path):
+    for where, record in _source(path, "new_facts.jsonl"):
         if limit is not None and len(facts) >= limit:
             break
         id_ = _unique_id(record, where, seen)
@@ -126,30 +197,65 @@ def load_facts(path: str | Path | None = None, limit: int | None = None) -> list
     return facts
 
 
-def load_known_facts(path: str | Path | None = None) -> list[KnownFact]:
+def load_known_facts(path: Source = None) -> list[KnownFact]:
     """Load facts the base model may know (default ``data/known_facts.jsonl``)."""
-    path = _resolve(path, "known_facts.jsonl")
     seen: set[str] = set()
     return [KnownFact(_unique_id(r, where, seen), _text(r, "prompt", where),
                       _text(r, "answer", where), _texts(r, "aliases", where, required=False))
-            for where, r in _records(path)]
+            for where, r in _source(path, "known_facts.jsonl")]
 
 
-def _load_texts(path: Path) -> list[str]:
-    """The "text" field of every line of a text file with ids."""
+def _text_records(path: Source, name: str) -> list[dict[str, str]]:
+    """The id and text of every record of a text set."""
     seen: set[str] = set()
-    texts = []
-    for where, record in _records(path):
-        _unique_id(record, where, seen)
-        texts.append(_text(record, "text", where))
-    return texts
+    return [{"id": _unique_id(r, where, seen), "text": _text(r, "text", where)} for where, r in _source(path, name)]
 
 
-def load_heldout_text(path: str | Path | None = None) -> list[str]:
+def _load_texts(path: Source, name: str) -> list[str]:
+    """The "text" field of every record of a text set with ids."""
+    return [record["text"] for record in _text_records(path, name)]
+
+
+def load_heldout_text(path: Source = None) -> list[str]:
     """Load the held-out paragraphs for perplexity (default ``data/heldout_text.jsonl``)."""
-    return _load_texts(_resolve(path, "heldout_text.jsonl"))
+    return _load_texts(path, "heldout_text.jsonl")
 
 
-def load_background(path: str | Path | None = None) -> list[str]:
+def load_background(path: Source = None) -> list[str]:
     """Load the background passages for slot statistics (default ``data/background.jsonl``)."""
-    return _load_texts(_resolve(path, "background.jsonl"))
+    return _load_texts(path, "background.jsonl")
+
+
+def _row(item: Fact | KnownFact | dict[str, Any]) -> dict[str, Any]:
+    """A loaded item as a flat row: its fields (tuples as lists), then its extra keys."""
+    if isinstance(item, dict):
+        return item
+    row = {f.name: getattr(item, f.name) for f in fields(item) if f.name != "extra"}
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in row.items()}, **getattr(item, "extra", {})}
+
+
+def _as_dataset(items: Iterable[Fact | KnownFact | dict[str, Any]]) -> datasets.Dataset:
+    """Loaded items as a ``datasets.Dataset`` with one column per key of any row (None where a row lacks it)."""
+    rows = [_row(item) for item in items]
+    keys = dict.fromkeys(k for row in rows for k in row)
+    return _datasets().Dataset.from_dict({k: [row.get(k) for row in rows] for k in keys})
+
+
+def facts_dataset(path: Source = None, limit: int | None = None) -> datasets.Dataset:
+    """``load_facts`` as a Dataset with columns id, answer, train, probe, heldout and any extra keys."""
+    return _as_dataset(load_facts(path, limit))
+
+
+def known_facts_dataset(path: Source = None) -> datasets.Dataset:
+    """``load_known_facts`` as a Dataset with columns id, prompt, answer and aliases."""
+    return _as_dataset(load_known_facts(path))
+
+
+TEXT_SETS = {"heldout_text": "heldout_text.jsonl", "background": "background.jsonl"}
+
+
+def texts_dataset(name: str, path: Source = None) -> datasets.Dataset:
+    """The text set ``name`` ("heldout_text" or "background") as a Dataset with columns id and text."""
+    if name not in TEXT_SETS:
+        raise ValueError(f"unknown text set {name!r}; choose one of {sorted(TEXT_SETS)}")
+    return _as_dataset(_text_records(path, TEXT_SETS[name]))

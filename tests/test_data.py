@@ -1,13 +1,29 @@
 """The bundled data sets load, meet their stated sizes, and malformed files fail clearly."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from smf_lib.data import (DATA_DIR, DataFormatError, Fact, KnownFact, load_background,
-                          load_facts, load_heldout_text, load_known_facts)
+from smf_lib import data
+from smf_lib.data import (
+    DATA_DIR,
+    DataFormatError,
+    Fact,
+    KnownFact,
+    facts_dataset,
+    known_facts_dataset,
+    load_background,
+    load_facts,
+    load_heldout_text,
+    load_known_facts,
+    texts_dataset,
+)
 
 
 def question(prompt: str) -> str:
@@ -146,3 +162,140 @@ def test_missing_file_names_the_path(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_facts(missing)
+
+needs_datasets = pytest.mark.skipif(importlib.util.find_spec("datasets") is None,
+                                    reason="the optional `datasets` package is not installed")
+
+
+@needs_datasets
+def test_bundled_sets_load_as_datasets():
+    facts, known = facts_dataset(), known_facts_dataset()
+    assert facts.column_names == ["id", "answer", "train", "probe", "heldout", "relation", "subject"]
+    assert known.column_names == ["id", "prompt", "answer", "aliases"]
+    assert list(facts) == [{"id": f.id, "answer": f.answer, "train": list(f.train), "probe": f.probe,
+                            "heldout": list(f.heldout), **f.extra} for f in load_facts()]
+    assert [(r["id"], r["prompt"], r["answer"], tuple(r["aliases"])) for r in known] == [
+        (k.id, k.prompt, k.answer, k.aliases) for k in load_known_facts()]
+    assert facts_dataset(limit=3)["id"] == [f.id for f in load_facts(limit=3)]
+    assert texts_dataset("heldout_text")["text"] == load_heldout_text()
+    assert texts_dataset("background").column_names == ["id", "text"]
+    assert texts_dataset("background")["text"] == load_background()
+    with pytest.raises(ValueError, match="unknown text set 'nope'"):
+        texts_dataset("nope")
+
+
+@needs_datasets
+def test_loaders_take_a_dataset_object():
+    assert load_facts(facts_dataset()) == load_facts()
+    assert load_facts(facts_dataset(), limit=4) == load_facts(limit=4)
+    assert load_known_facts(known_facts_dataset()) == load_known_facts()
+    assert load_background(texts_dataset("background")) == load_background()
+    # Datasets made by users work too, and so do `map` and `filter`.
+    upper = facts_dataset(limit=5).map(lambda row: {"probe": row["probe"].upper()})
+    assert [f.probe for f in load_facts(upper)] == [f.probe.upper() for f in load_facts(limit=5)]
+    assert len(load_facts(facts_dataset().filter(lambda row: row["relation"] == "capital"))) >= 1
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    ({"answer": ""}, "'answer' must be a non-empty string"),
+    ({"probe": None}, "missing key 'probe'"),
+    ({"train": ["Zorvania has a capital."]}, "does not contain the answer"),
+    ({"heldout": []}, "'heldout' must be a non-empty list"),
+    ({"id": "f0"}, "duplicate id 'f0'"),
+])
+def test_malformed_dataset_rows_name_the_row(bad_row, message):
+    datasets = pytest.importorskip("datasets")
+    rows = [{**GOOD, "id": "f0"}, {**GOOD, "id": "f1"}, {**GOOD, "id": "f2", **bad_row}]
+    with pytest.raises(DataFormatError) as err:
+        load_facts(datasets.Dataset.from_list(rows))
+    assert str(err.value).startswith("dataset row 2: ") and message in str(err.value)
+
+
+@pytest.mark.parametrize("text, is_hub", [
+    ("owner/name", True), ("owner/name:test", True), ("Owner-1/my_set.v2", True),
+    ("facts.jsonl", False), ("./x/y.jsonl", False), ("x/y.jsonl", False), ("x/y.json", False),
+    ("a/b/c", False), ("/abs/name", False), ("data/new_facts.jsonl", False), ("owner/", False),
+])
+def test_only_hub_like_ids_go_to_the_hub(text, is_hub):
+    assert data._is_hub_id(text) is is_hub
+
+
+def test_hub_id_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError) as err:
+        load_facts("owner/name:train")
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert "'owner/name:train' does not exist locally" in message and "hub is unreachable" in message
+    assert "\n" not in message
+
+
+def test_hub_id_with_unreachable_hub_fails_fast(monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="does not exist locally, and the Hugging Face hub is unreachable"):
+        load_facts("owner/name")
+    assert time.monotonic() - start < 5
+
+
+def test_hub_id_rows_are_checked_and_errors_name_the_id(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        if name == "owner/missing":
+            raise FileNotFoundError("Dataset 'owner/missing' doesn't exist on the Hub\nor cannot be accessed.")
+        rows = [{**GOOD, "id": "f0"}, {**GOOD, "id": "f1", "answer": "Elsewhere"}]
+        return datasets.Dataset.from_list(rows[:1] if name == "owner/good" else rows)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(data, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_facts("owner/good") == load_facts([{**GOOD, "id": "f0"}])
+    with pytest.raises(DataFormatError, match=r"^owner/bad:test row 1: train sentence .* does not contain"):
+        load_facts("owner/bad:test")
+    with pytest.raises(FileNotFoundError, match=r"^data file not found: 'owner/missing' does not exist locally, "
+                                                r"and loading it from the Hugging Face hub failed: .*Hub$"):
+        load_facts("owner/missing")
+    assert calls == [("owner/good", "train"), ("owner/bad", "test"), ("owner/missing", "train")]
+
+
+SUBPROCESS = """
+import sys, time
+from smf_lib.data import load_facts
+start = time.monotonic()
+for path in {paths!r}:
+    try:
+        load_facts(path)
+    except FileNotFoundError as e:
+        print(e)
+print(round(time.monotonic() - start, 2), sorted({{"datasets"}} & set(sys.modules)))
+"""
+
+
+def run_python(code, **env):
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+                            env={**os.environ, **env})
+    return result.stdout.strip().splitlines()
+
+
+def test_missing_local_paths_do_not_touch_the_hub(tmp_path):
+    paths = ["facts.jsonl", "./x/y.jsonl", str(tmp_path / "nope.jsonl")]
+    *errors, last = run_python(SUBPROCESS.format(paths=paths))
+    assert errors == [f"data file not found: {Path(path)}" for path in paths]
+    seconds, imported = last.split(" ", 1)
+    assert imported == "[]" and float(seconds) < 0.5
+
+
+def test_hub_id_in_offline_mode_from_start_up_fails_fast():
+    pytest.importorskip("datasets")
+    *errors, last = run_python(SUBPROCESS.format(paths=["owner/name"]), HF_HUB_OFFLINE="1")
+    assert errors == [("data file not found: 'owner/name' does not exist locally, and the Hugging Face hub is "
+                       "unreachable (offline), so it cannot be loaded as a hub dataset id either")]
+    assert float(last.split(" ", 1)[0]) < 10
