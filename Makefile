@@ -14,7 +14,7 @@ NBMAKE_TIMEOUT ?= 1800
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: all $(VENV) run test bench lab clean distclean
+.PHONY: all $(VENV) run test test-fast lint bench lab clean distclean
 
 all: test
 
@@ -35,9 +35,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VPY) -m smf_lib run $(ARGS)
 
-# Notebooks run in their fast mode (SMF_FAST=1): smaller data and step budgets, same code paths.
-test: $(STAMP)
+# Lint first, so a style error fails fast; notebooks run in their fast mode (SMF_FAST=1): smaller data and step
+# budgets, same code paths.
+test: lint
 	SMF_FAST=1 $(VPY) -m pytest -q tests $(NOTEBOOKS) $(if $(NOTEBOOKS),--nbmake --nbmake-timeout=$(NBMAKE_TIMEOUT)) $(PYTEST_ARGS)
+
+# The unit tests only (no real model, no subprocess runs, no notebooks): under a minute.
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q tests -m "not slow and not integration" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check smf_lib tests data
 
 bench: $(STAMP)
 	$(VPY) -m smf_lib bench $(ARGS)

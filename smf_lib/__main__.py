@@ -6,7 +6,8 @@ import argparse
 import ctypes
 import sys
 
-from .models import ModelNotAvailableError, PROFILES, default_profile
+from .models import ModelNotAvailableError
+from .profiles import PROFILES, default_profile
 
 
 def keep_freed_memory() -> bool:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .data import Fact, KnownFact
+from .losses import next_token_losses
+from .models import pad_id
 
 
 def _normalise(text: str) -> list[str]:
@@ -40,7 +42,6 @@ def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8, 
         return []
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Batch prompts of similar length together: less padding to compute.
     lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
     order = sorted(range(len(prompts)), key=lengths.__getitem__)
@@ -49,7 +50,8 @@ def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8, 
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad_id(tokenizer))
             texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
             for i, text in zip(chunk, texts):
                 outputs[i] = text
@@ -58,7 +60,14 @@ def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8, 
     return outputs
 
 
-def recall(model, tokenizer, prompts: Sequence[str], answers: Sequence[Sequence[str]], max_new_tokens: int = 8) -> tuple[float, float]:
+def hit_rate(completions: Sequence[str], answers: Sequence[str]) -> float:
+    """Share of completions that contain their answer (whole words, case-insensitive)."""
+    hits = [contains_answer(c, [a]) for c, a in zip(completions, answers)]
+    return sum(hits) / max(len(hits), 1)
+
+
+def recall(model, tokenizer, prompts: Sequence[str], answers: Sequence[Sequence[str]],
+           max_new_tokens: int = 8) -> tuple[float, float]:
     """(share of prompts whose greedy completion contains an answer, mean token F1 against the first answer)."""
     if not prompts:
         return 0.0, 0.0
@@ -94,17 +103,6 @@ def known_correct(model, tokenizer, known: Sequence[KnownFact]) -> list[bool]:
 
 def _answered(completions: Sequence[str], known: Sequence[KnownFact]) -> list[bool]:
     return [contains_answer(c, k.answers()) for c, k in zip(completions, known)]
-
-
-def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each position's prediction of the next token, (batch, seq).
-
-    The targets are shifted rather than the logits, so the (batch*seq, vocab) logits stay contiguous: no copy of the
-    largest activation, and a softmax over its last dimension. The last position's target wraps around to the first
-    token: mask it out.
-    """
-    targets = input_ids.roll(-1, dims=1)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(input_ids)
 
 
 @torch.no_grad()

@@ -3,71 +3,45 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
-import resource
-import sys
-import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from .calibration import calibrate_queries
-from .data import Fact, KnownFact, load_background, load_facts, load_heldout_text, load_known_facts
-from .evaluation import fact_recall, known_correct, paraphrase_recall, perplexity, recall_and_known
-from .models import PROFILES, load_base_model
-from .retrofit import MemoryConfig, memory_layers, retrofit
-from .stats import SlotStats, collect_background, layer_inputs
-from .training import DEFAULT_LR, METHODS, TrainConfig, train
+from .analysis import parameter_changes
+from .data import (
+    Fact,
+    KnownFact,
+    load_background,
+    load_facts,
+    load_heldout_text,
+    load_known_facts,
+)
+from .evaluation import (
+    fact_recall,
+    known_correct,
+    paraphrase_recall,
+    perplexity,
+    recall_and_known,
+)
+from .models import default_device, load_base_model
+from .pipeline import prepare_memory
+from .profiles import Profile, get_profile
+from .retrofit import MemoryConfig, memory_layers
+from .stats import SlotStats
+from .timing import peak_memory_mb
+from .training import DEFAULT_LR, METHODS, train
 
 DEFAULT_METHODS = ("smf_kl", "smf_tfidf", "full_ft", "lora")
-
-
-@dataclass
-class ProfileSettings:
-    """Sizes of one run: how many facts and texts, training budget, checkpoints and the learning-rate sweep."""
-
-    n_facts: int
-    max_steps: int
-    eval_every: int
-    target_recall: float = 0.9
-    n_background: int | None = None
-    n_heldout: int | None = None
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    sweep_facts: int = 16
-    sweep_steps: int = 20
-    batch_size: int = 8
-
-
-PROFILE_SETTINGS = {
-    "tiny": ProfileSettings(n_facts=6, max_steps=6, eval_every=3, n_background=24, n_heldout=8,
-                            memory=MemoryConfig(n_keys=16, topk=4, key_dim=32),
-                            lr_grid={"lora": (1e-4, 3e-4)}, sweep_facts=4, sweep_steps=2),
-    # 65,536 slots per layer (cpu and gpu): with 16,384, 100 facts rewrote about half of all value rows, and known
-    # facts that share a template with them were lost. On SmolLM2's 30 blocks the cpu run puts the memory in blocks
-    # 22 and 27: trained in blocks 15/22/27, the rows of block 15 alone lost as many known facts as all three
-    # (6.7%) while recalling 1% of the new facts (`layer_attribution`); without block 15, 4.1% at recall 0.95.
-    # Perplexity on 24 of the 80 held-out paragraphs (2,161 tokens): a checkpoint's evaluation takes about 10 s less
-    # than on all 80, and the change is still measured on the same text before and after training.
-    "cpu": ProfileSettings(n_facts=100, max_steps=240, eval_every=30, batch_size=16, n_heldout=24,
-                           memory=MemoryConfig(n_keys=256, layers=(22, 27)),
-                           lr_grid={"full_ft": (3e-5, 1e-4), "lora": (3e-4, 1e-3)}),
-    "gpu": ProfileSettings(n_facts=240, max_steps=300, eval_every=25, batch_size=16, memory=MemoryConfig(n_keys=256),
-                           lr_grid={"full_ft": (1e-5, 3e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3),
-                                    "smf_kl": (0.1, 0.3, 1.0), "smf_tfidf": (0.1, 0.3, 1.0)}),
-}
 
 
 @dataclass
 class Setup:
     """The shared starting point: the retrofitted model, its data and baseline scores."""
 
-    profile: str
-    model_name: str
+    profile: Profile
     model: torch.nn.Module
     tokenizer: object
     facts: list[Fact]
@@ -78,39 +52,38 @@ class Setup:
     retrofit_info: dict
 
 
-def prepare(profile: str, facts_path: str | Path | None = None, seed: int = 0, progress: bool = True) -> Setup:
-    """Load and retrofit the profile's model, calibrate it and collect background statistics."""
-    if profile not in PROFILE_SETTINGS:
-        raise ValueError(f"Unknown profile {profile!r}; choose one of {', '.join(PROFILE_SETTINGS)}.")
-    settings = PROFILE_SETTINGS[profile]
-    model_name = PROFILES[profile]
-    model, tokenizer = load_base_model(model_name, seed=seed)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    facts = load_facts(facts_path, limit=None if facts_path else settings.n_facts)
-    heldout = load_heldout_text()[: settings.n_heldout]
-    background_texts = load_background()[: settings.n_background]
+def prepare(profile: str | Profile | None = None, facts_path: str | Path | None = None, seed: int = 0,
+            memory: MemoryConfig | None = None, progress: bool = True) -> Setup:
+    """Load the profile's model, score the base model, then retrofit it, calibrate it and count background slot use.
+
+    `memory` replaces the profile's memory configuration (its seed is set to `seed`).
+    """
+    profile = get_profile(profile)
+    sizes = profile.run
+    model, tokenizer = load_base_model(profile.model, seed=seed)
+    model.to(default_device())
+    facts = load_facts(facts_path, limit=None if facts_path else sizes.n_facts)
+    heldout = load_heldout_text()[: sizes.n_heldout]
     known_all = load_known_facts()
     # Only the known facts this base model answers correctly can be forgotten.
     known = [k for k, ok in zip(known_all, known_correct(model, tokenizer, known_all)) if ok]
-    probe_texts = load_heldout_text()[:4]
     with torch.no_grad():
-        batch = tokenizer(probe_texts, return_tensors="pt", padding=True).to(model.device)
+        batch = tokenizer(load_heldout_text()[:4], return_tensors="pt", padding=True).to(model.device)
         base_logits = model(**batch).logits
     base = {"heldout_ppl": perplexity(model, tokenizer, heldout), "known_fact_acc": 1.0 if known else 0.0,
-            "fact_recall": fact_recall(model, tokenizer, facts), "paraphrase_recall": paraphrase_recall(model, tokenizer, facts),
+            "fact_recall": fact_recall(model, tokenizer, facts),
+            "paraphrase_recall": paraphrase_recall(model, tokenizer, facts),
             "known_facts_total": len(known_all), "known_facts_kept_by_base": len(known)}
-    retrofit(model, replace(settings.memory, seed=seed))
-    # The fresh memory adds nothing, so its inputs do not depend on its queries: one pass serves both steps.
-    inputs = layer_inputs(model, tokenizer, background_texts, progress=progress)
-    calibrate_queries(model, tokenizer, background_texts, seed=seed, inputs=inputs)
+    config = replace(memory or profile.memory, seed=seed)
+    background = prepare_memory(model, tokenizer, load_background()[: sizes.n_background], config, progress)
     with torch.no_grad():
         diff = (model(**batch).logits - base_logits).abs().max().item()
     layers = memory_layers(model)
-    retrofit_info = {"layers": [m.layer_index for m in layers], "slots_per_layer": layers[0].n_slots,
+    retrofit_info = {"mode": config.mode, "layers": [m.layer_index for m in layers],
+                     "slots_per_layer": layers[0].n_slots,
                      "memory_params": sum(p.numel() for m in layers for p in m.parameters()),
                      "max_abs_logit_diff": diff}
-    background = collect_background(model, tokenizer, background_texts, inputs=inputs)
-    return Setup(profile, model_name, model, tokenizer, facts, known, heldout, background, base, retrofit_info)
+    return Setup(profile, model, tokenizer, facts, known, heldout, background, base, retrofit_info)
 
 
 def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
@@ -147,10 +120,10 @@ def train_method(setup: Setup, method: str, lr: float, facts: Sequence[Fact] | N
     Learning and forgetting are measured every `eval_every` steps (the Pareto curve); evaluation time is
     not counted in `train_seconds`.
     """
-    settings = PROFILE_SETTINGS[setup.profile]
+    sizes = setup.profile.run
     sub = replace(setup, facts=list(facts if facts is not None else setup.facts))
-    max_steps, eval_every = max_steps or settings.max_steps, eval_every or settings.eval_every
-    target = settings.target_recall if target is None else target
+    max_steps, eval_every = max_steps or sizes.max_steps, eval_every or sizes.eval_every
+    target = sizes.target_recall if target is None else target
     eval_seconds = 0.0
 
     def checkpoint(step: int, model: torch.nn.Module) -> dict | None:
@@ -162,7 +135,7 @@ def train_method(setup: Setup, method: str, lr: float, facts: Sequence[Fact] | N
         eval_seconds += time.perf_counter() - start
         return {**scores, "stop": scores["fact_recall"] >= target}
 
-    config = TrainConfig(method=method, steps=max_steps, lr=lr, seed=seed, batch_size=settings.batch_size)
+    config = replace(setup.profile.train, method=method, steps=max_steps, lr=lr, seed=seed)
     start = time.perf_counter()
     model, history = train(copy.deepcopy(setup.model), setup.tokenizer, sub.facts, config,
                            background=setup.background, callback=checkpoint, progress=progress)
@@ -172,55 +145,19 @@ def train_method(setup: Setup, method: str, lr: float, facts: Sequence[Fact] | N
 
 def sweep_lr(setup: Setup, method: str, seed: int = 0, progress: bool = True) -> tuple[float, list[dict]]:
     """Pick a method's learning rate on a few facts: the best recall, then the least perplexity increase."""
-    settings = PROFILE_SETTINGS[setup.profile]
-    grid = settings.lr_grid.get(method, (DEFAULT_LR[method],))  # one candidate: no sweep
+    sizes = setup.profile.run
+    grid = sizes.lr_grid.get(method, (DEFAULT_LR[method],))  # one candidate: no sweep
     if len(grid) == 1:
         return grid[0], []
     rows = []
     for lr in grid:
-        run = train_method(setup, method, lr, facts=setup.facts[: settings.sweep_facts], max_steps=settings.sweep_steps,
-                           eval_every=settings.sweep_steps, target=1.01, seed=seed, progress=progress)
-        rows.append({"lr": lr, **{k: run.checkpoints[-1][k] for k in ("fact_recall", "ppl_increase_pct", "known_fact_drop_pct")}})
+        run = train_method(setup, method, lr, facts=setup.facts[: sizes.sweep_facts], max_steps=sizes.sweep_steps,
+                           eval_every=sizes.sweep_steps, target=1.01, seed=seed, progress=progress)
+        last = run.checkpoints[-1]
+        rows.append({"lr": lr, **{k: last[k] for k in ("fact_recall", "ppl_increase_pct", "known_fact_drop_pct")}})
         del run
     best = max(rows, key=lambda r: (round(r["fact_recall"], 2), -r["ppl_increase_pct"]))
     return best["lr"], rows
-
-
-@torch.no_grad()
-def layer_attribution(setup: Setup, model: torch.nn.Module) -> dict[int, dict]:
-    """Learning and forgetting of `model` with one memory layer's trained values at a time, the others reset.
-
-    Tells which layer does the learning and which the forgetting (`{layer index: evaluate(...) scores}`). `model`
-    must be a sparse-trained copy of `setup.model`; it is left as it was.
-    """
-    untrained = {m.layer_index: m.values.weight for m in memory_layers(setup.model)}
-    layers = memory_layers(model)
-    if sorted(untrained) != sorted(m.layer_index for m in layers):
-        raise ValueError(f"`model` has memory in layers {[m.layer_index for m in layers]}, the setup's model in "
-                         f"{sorted(untrained)}: pass a copy of setup.model trained with a sparse method.")
-    trained = {m.layer_index: m.values.weight.detach().clone() for m in layers}
-    result = {}
-    try:
-        for kept in trained:
-            for m in layers:
-                m.values.weight.copy_(trained[m.layer_index] if m.layer_index == kept else untrained[m.layer_index])
-            result[kept] = evaluate(setup, model, full=False)
-    finally:
-        for m in layers:
-            m.values.weight.copy_(trained[m.layer_index])
-    return result
-
-
-def params_changed(before: torch.nn.Module, after: torch.nn.Module) -> int:
-    """How many parameter values differ between two models of the same structure."""
-    reference = dict(before.named_parameters())
-    return sum(int((p != reference[n]).sum()) for n, p in after.named_parameters())
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far, in MB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def method_summary(setup: Setup, run: MethodRun) -> dict:
@@ -230,52 +167,58 @@ def method_summary(setup: Setup, run: MethodRun) -> dict:
         final = {**last, "paraphrase_recall": paraphrase_recall(run.model, setup.tokenizer, setup.facts)}
     else:
         final = evaluate(setup, run.model)
-    keys = ("fact_recall", "paraphrase_recall", "heldout_ppl", "ppl_increase_pct", "known_fact_acc", "known_fact_drop_pct")
+    keys = ("fact_recall", "paraphrase_recall", "heldout_ppl", "ppl_increase_pct", "known_fact_acc",
+            "known_fact_drop_pct")
     return {**{k: final[k] for k in keys}, "params_trained": run.params_trained,
-            "params_changed": params_changed(setup.model, run.model), "steps": run.steps,
-            "train_seconds": run.train_seconds, "peak_rss_mb": peak_rss_mb(), "lr": run.lr}
+            "params_changed": sum(r["changed"] for r in parameter_changes(setup.model, run.model)),
+            "steps": run.steps, "train_seconds": run.train_seconds, "peak_rss_mb": peak_memory_mb(), "lr": run.lr}
 
 
-def run_experiment(profile: str, methods: Sequence[str] = DEFAULT_METHODS, facts_path: str | Path | None = None,
-                   out: str | Path | None = None, seed: int = 0, progress: bool = True) -> dict:
+def new_summary(setup: Setup, seed: int = 0, target: float | None = None) -> dict:
+    """The summary of a run on `setup` before any method is added (the result-file contract's top level)."""
+    return {"profile": setup.profile.name, "model": setup.profile.model, "seed": seed, "n_facts": len(setup.facts),
+            "retrofit": setup.retrofit_info, "base": setup.base, "methods": {}, "sweeps": {}, "checkpoints": {},
+            "target_recall": setup.profile.run.target_recall if target is None else target}
+
+
+def add_method(summary: dict, setup: Setup, run: MethodRun, sweep: list[dict] | None = None) -> None:
+    """Score a trained method on the setup's facts and put it into `summary`."""
+    summary["methods"][run.method] = method_summary(setup, run)
+    summary["checkpoints"][run.method] = run.checkpoints
+    summary["sweeps"][run.method] = sweep or []
+
+
+def compare_methods(setup: Setup, methods: Sequence[str], lrs: Mapping[str, float], max_steps: int, eval_every: int,
+                    target: float, seed: int = 0, progress: bool = True) -> dict:
+    """Train each method on `setup.facts` at the given learning rate until recall reaches `target` or `max_steps`
+    run out, and return a `run_experiment`-shaped summary: a smaller, sweep-free comparison for notebooks."""
+    summary = new_summary(setup, seed, target)
+    for method in methods:
+        run = train_method(setup, method, lrs[method], max_steps=max_steps, eval_every=eval_every, target=target,
+                           seed=seed, progress=progress)
+        add_method(summary, setup, run)
+        del run  # each trained copy is freed before the next one is made
+    return summary
+
+
+def run_experiment(profile: str | Profile | None = None, methods: Sequence[str] = DEFAULT_METHODS,
+                   facts_path: str | Path | None = None, out: str | Path | None = None, seed: int = 0,
+                   progress: bool = True) -> dict:
     """Retrofit, collect statistics, train every method to matched learning, evaluate, write the results."""
+    from .report import write_results
+
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"Unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
     started = time.perf_counter()
-    out = Path(out or Path("results") / profile)
-    setup = prepare(profile, facts_path, seed, progress)
-    summary = {"profile": profile, "model": setup.model_name, "seed": seed, "n_facts": len(setup.facts),
-               "retrofit": setup.retrofit_info, "base": setup.base, "methods": {}, "sweeps": {}, "checkpoints": {},
-               "target_recall": PROFILE_SETTINGS[profile].target_recall}
+    setup = prepare(profile, facts_path, seed, progress=progress)
+    out = Path(out or Path("results") / setup.profile.name)
+    summary = new_summary(setup, seed)
     for method in methods:
         lr, sweep = sweep_lr(setup, method, seed, progress)
         run = train_method(setup, method, lr, seed=seed, progress=progress)
-        summary["methods"][method] = method_summary(setup, run)
-        summary["sweeps"][method] = sweep
-        summary["checkpoints"][method] = run.checkpoints
+        add_method(summary, setup, run, sweep)
         del run
         summary["total_seconds"] = time.perf_counter() - started
         write_results(summary, out)  # after every method: a long run that is stopped keeps what it finished
     return summary
-
-
-def write_results(summary: dict, out: Path) -> None:
-    """Write summary.json, report.md and pareto.png into `out`, each atomically."""
-    from .report import format_report, plot_pareto
-
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2).encode())
-    _atomic_write(out / "report.md", format_report(summary).encode())
-    figure = plot_pareto(summary)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".pareto.", suffix=".png")
-    os.close(fd)
-    figure.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, out / "pareto.png")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

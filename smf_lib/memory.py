@@ -8,6 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# A slot counts as read when it received at least this much softmax weight: with a sharp softmax most of the top-k
+# candidates get ~1e-20 of the weight and no gradient, so they neither carry a fact nor take up the update budget.
+READ_THRESHOLD = 1e-3
+
 
 @dataclass
 class SlotAccess:
@@ -32,7 +36,8 @@ class ProductKeyMemory(nn.Module):
         if key_dim % 2:
             raise ValueError(f"key_dim must be even (two sub-keys of key_dim/2), got {key_dim}.")
         if not 1 <= topk <= n_keys:
-            raise ValueError(f"topk={topk} needs 1 <= topk <= n_keys={n_keys}: each sub-key table must hold topk candidates.")
+            raise ValueError(f"topk={topk} needs 1 <= topk <= n_keys={n_keys}: each sub-key table must hold "
+                             "topk candidates.")
         if heads < 1 or temperature <= 0:
             raise ValueError(f"heads must be >= 1 and temperature > 0, got heads={heads}, temperature={temperature}.")
         self.dim, self.n_keys, self.heads, self.topk, self.key_dim = dim, n_keys, heads, topk, key_dim
@@ -58,14 +63,17 @@ class ProductKeyMemory(nn.Module):
         """Number of value slots (`n_keys**2`)."""
         return self.n_keys**2
 
-    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k slots per head: `(scores, indices)`, each (tokens, heads, topk), scores descending."""
+    def sub_key_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of each token of `x` (tokens, dim) against both sub-key tables: two (tokens, heads, n_keys)."""
         q = self.query(x).view(-1, self.heads, 2, self.key_dim // 2)
         keys = self.keys
         if self.qk_norm:
             q, keys = F.normalize(q, dim=-1), F.normalize(keys, dim=-1)
-        s1 = torch.einsum("nhd,hkd->nhk", q[:, :, 0], keys[0])
-        s2 = torch.einsum("nhd,hkd->nhk", q[:, :, 1], keys[1])
+        return torch.einsum("nhd,hkd->nhk", q[:, :, 0], keys[0]), torch.einsum("nhd,hkd->nhk", q[:, :, 1], keys[1])
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k slots per head: `(scores, indices)`, each (tokens, heads, topk), scores descending."""
+        s1, s2 = self.sub_key_scores(x)
         top1, idx1 = s1.topk(self.topk, dim=-1)
         top2, idx2 = s2.topk(self.topk, dim=-1)
         first, second = self.candidate_pairs
@@ -86,6 +94,7 @@ class ProductKeyMemory(nn.Module):
         if self.recording:
             shape = (*lead, self.heads, self.topk)
             self.last_access = SlotAccess(indices.view(shape), weights.detach().view(shape))
-        read = self.values(indices.view(len(flat), -1), per_sample_weights=weights.view(len(flat), -1).to(self.values.weight.dtype))
+        read = self.values(indices.view(len(flat), -1),
+                           per_sample_weights=weights.view(len(flat), -1).to(self.values.weight.dtype))
         out = self.proj(read * F.silu(self.gate(flat))) * self.scale
         return out.view(*lead, self.dim)

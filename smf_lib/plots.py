@@ -11,19 +11,17 @@ notebook themes alike; data colours are mid-bright. Sections:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import torch.nn.functional as F
 from cycler import cycler
 from matplotlib.figure import Figure
 
-from .memory import ProductKeyMemory
-from .retrofit import memory_layers
-from .stats import SlotStats
+from .memory import READ_THRESHOLD, ProductKeyMemory
+from .stats import SlotStats, capture_inputs
 
 # ---------------------------------------------------------------------------------------------------------------
 # Theme and small helpers
@@ -75,22 +73,10 @@ def token_labels(tokenizer, input_ids: Sequence[int]) -> list[str]:
 def memory_inputs(model: torch.nn.Module, tokenizer, text: str) -> tuple[list[str], dict[int, torch.Tensor]]:
     """Run `text` through a retrofitted model; return its token labels and, per memory layer, the layer's input
     (seq, dim): the vectors each memory turns into queries."""
-    captured: dict[int, torch.Tensor] = {}
-
-    def keep(module, args):
-        captured[module.layer_index] = args[0][0].detach().float().cpu()
-
-    layers = memory_layers(model)
-    if not layers:
-        raise ValueError("memory_inputs needs a retrofitted model: call retrofit(model) first.")
-    hooks = [m.register_forward_pre_hook(keep) for m in layers]
-    try:
-        batch = tokenizer([text], return_tensors="pt").to(next(model.parameters()).device)
+    batch = tokenizer([text], return_tensors="pt").to(next(model.parameters()).device)
+    with capture_inputs(model, keep=lambda x: x[0].detach().float().cpu()) as captured:
         model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return token_labels(tokenizer, batch["input_ids"][0].tolist()), captured
+    return token_labels(tokenizer, batch["input_ids"][0].tolist()), {i: x[0] for i, x in captured.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,13 +86,9 @@ def memory_inputs(model: torch.nn.Module, tokenizer, text: str) -> tuple[list[st
 
 @torch.no_grad()
 def _sub_scores(memory: ProductKeyMemory, x: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two halves' sub-key scores (n_keys each) of one token and head, as `ProductKeyMemory.lookup` computes them."""
-    x = x.reshape(-1, memory.dim)[:1].to(memory.query.weight)
-    q = memory.query(x).view(1, memory.heads, 2, memory.key_dim // 2)[0, head]
-    keys = memory.keys[:, head]
-    if memory.qk_norm:
-        q, keys = F.normalize(q, dim=-1), F.normalize(keys, dim=-1)
-    return (keys[0] @ q[0]).float().cpu(), (keys[1] @ q[1]).float().cpu()
+    """The two halves' sub-key scores (n_keys each) of one token and head."""
+    s1, s2 = memory.sub_key_scores(x.reshape(-1, memory.dim)[:1].to(memory.query.weight))
+    return s1[0, head].float().cpu(), s2[0, head].float().cpu()
 
 
 def plot_product_keys(memory: ProductKeyMemory, x: torch.Tensor, head: int = 0, title: str | None = None) -> Figure:
@@ -168,9 +150,6 @@ def plot_product_keys(memory: ProductKeyMemory, x: torch.Tensor, head: int = 0, 
 # ---------------------------------------------------------------------------------------------------------------
 # Slot usage and slot scores
 # ---------------------------------------------------------------------------------------------------------------
-
-READ_THRESHOLD = 0.01  # a slot counts as "read" when it received at least this much softmax weight in total
-
 
 def _as_mapping(stats: SlotStats | Mapping[str, SlotStats]) -> dict[str, SlotStats]:
     return {"": stats} if isinstance(stats, SlotStats) else dict(stats)

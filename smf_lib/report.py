@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.pyplot as plt
+
+from .files import save_figure, write_json, write_text
 
 LABELS = {"smf_kl": "SMF (KL)", "smf_tfidf": "SMF (TF-IDF)", "smf_random": "SMF (random slots)",
           "full_ft": "Full finetuning", "lora": "LoRA"}
@@ -36,7 +40,8 @@ def format_report(summary: dict) -> str:
     if sweeps:
         lines += ["", "## Learning-rate sweeps", "",
                   "Each candidate trained on a few facts for a short budget; the best recall wins, ties go to the "
-                  "smaller perplexity increase.", "", "| method | lr | fact recall | ppl change % | known-fact drop % |",
+                  "smaller perplexity increase.", "",
+                  "| method | lr | fact recall | ppl change % | known-fact drop % |",
                   "|---|---|---|---|---|"]
         for method, rows in sweeps.items():
             for row in rows:
@@ -63,3 +68,13 @@ def plot_pareto(summary: dict) -> plt.Figure:
     axes[0].legend(loc="lower right")
     fig.suptitle("Learning vs forgetting over training (upper left is better)")
     return fig
+
+
+def write_results(summary: dict, out: str | Path) -> None:
+    """Write summary.json, report.md and pareto.png into `out`, each atomically."""
+    out = Path(out)
+    write_json(out / "summary.json", summary)
+    write_text(out / "report.md", format_report(summary))
+    figure = plot_pareto(summary)
+    save_figure(figure, out / "pareto.png")
+    plt.close(figure)

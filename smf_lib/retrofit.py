@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from .files import save_tensors
 from .memory import ProductKeyMemory
 
 MODES = ("additive", "replace")
+DEFAULT_DEPTHS = (0.75, 0.9)  # where memory layers go by default, as fractions of the model's depth
 
 
 class RetrofitError(ValueError):
@@ -24,18 +25,20 @@ class RetrofitError(ValueError):
 
 @dataclass
 class MemoryConfig:
-    """Where and how large the memory layers are.
+    """Where and how large the memory layers are; the defaults are the best configuration measured so far.
 
-    `layers=None` spreads three layers through the depth (at 1/4, 1/2 and 3/4). `mode="additive"` adds the memory
-    beside the MLP (function-preserving); `mode="replace"` swaps the MLP out, as Lin et al. (arXiv 2510.15103) and
-    the original retrofit do, which breaks the model until the memory is healed.
+    `layers=None` puts two layers at 3/4 and 9/10 of the depth (blocks 22 and 27 of SmolLM2-135M's 30): lower
+    blocks forgot more and learned less (docs/RESULTS.md, layer attribution). 65,536 slots per layer: with 16,384,
+    100 facts rewrote about half of all value rows. `mode="additive"` adds the memory beside the MLP
+    (function-preserving); `mode="replace"` swaps the MLP out, as Lin et al. (arXiv 2510.15103) and the original
+    retrofit do, which breaks the model until the memory is healed.
     Query/key normalisation makes the top-k scores cosine sums, independent of the model's activation scale;
     `temperature` then sharpens the softmax over them (0.01: about three slots carry each head's weight) and
     `output_scale` starts the learnable output gain. Both decide how fast values can learn (notebook 03).
     """
 
     layers: tuple[int, ...] | None = None
-    n_keys: int = 128
+    n_keys: int = 256
     heads: int = 4
     topk: int = 32
     key_dim: int = 256
@@ -45,13 +48,28 @@ class MemoryConfig:
     mode: str = "additive"
     seed: int = 0
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> MemoryConfig:
+        """A config from `asdict(config)` or its JSON form (lists become tuples)."""
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise RetrofitError(f"Unknown MemoryConfig fields {sorted(unknown)}.")
+        layers = fields.get("layers")
+        return cls(**{**fields, "layers": None if layers is None else tuple(layers)})
+
     def resolved_layers(self, n_layers: int) -> list[int]:
-        """The layer indices, defaulting to three spread through `n_layers`."""
-        layers = list(self.layers) if self.layers is not None else sorted({int(n_layers * f) for f in (0.25, 0.5, 0.75)})
+        """The layer indices, defaulting to 3/4 and 9/10 of `n_layers`."""
+        default = sorted({min(int(n_layers * f), n_layers - 1) for f in DEFAULT_DEPTHS})
+        layers = list(self.layers) if self.layers is not None else default
         bad = [i for i in layers if not 0 <= i < n_layers]
         if bad or not layers or len(set(layers)) != len(layers):
             raise RetrofitError(f"Memory layers {layers} are invalid: give distinct indices in 0..{n_layers - 1}.")
         return sorted(layers)
+
+    def build(self, dim: int) -> ProductKeyMemory:
+        """One memory layer of this configuration for a model of hidden size `dim`."""
+        return ProductKeyMemory(dim, self.n_keys, self.heads, self.topk, self.key_dim, temperature=self.temperature,
+                                qk_norm=self.qk_norm, output_scale=self.output_scale)
 
 
 class MemoryMLP(nn.Module):
@@ -71,9 +89,11 @@ class MemoryMLP(nn.Module):
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder blocks: the longest ModuleList whose blocks each have an `mlp`."""
-    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(b, "mlp") for b in m)]
+    candidates = [m for m in model.modules()
+                  if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(b, "mlp") for b in m)]
     if not candidates:
-        raise RetrofitError(f"Cannot find decoder blocks with an `mlp` in {type(model).__name__}; this architecture is not supported.")
+        raise RetrofitError(f"Cannot find decoder blocks with an `mlp` in {type(model).__name__}; "
+                            "this architecture is not supported.")
     return max(candidates, key=len)
 
 
@@ -90,7 +110,14 @@ def memory_config(model: nn.Module) -> MemoryConfig:
 
 
 def retrofit(model: nn.Module, config: MemoryConfig | None = None) -> nn.Module:
-    """Add memory layers to `model` in place; freeze the base, leave the memory trainable; return the model."""
+    """Add memory layers to `model` in place; freeze the base, leave the memory trainable; return the model.
+
+    Example:
+        >>> model, tokenizer = load_base_model("smollm2-135m")
+        >>> retrofit(model, MemoryConfig(layers=(22, 27)))  # logits unchanged: the values start at zero
+        >>> [m.layer_index for m in memory_layers(model)]
+        [22, 27]
+    """
     config = config or MemoryConfig()
     if memory_layers(model):
         raise RetrofitError("This model already has memory layers; retrofit a fresh copy of the base model instead.")
@@ -106,10 +133,7 @@ def retrofit(model: nn.Module, config: MemoryConfig | None = None) -> nn.Module:
     torch.manual_seed(config.seed)
     try:
         for i in layers:
-            memory = ProductKeyMemory(
-                dim, config.n_keys, config.heads, config.topk, config.key_dim,
-                temperature=config.temperature, qk_norm=config.qk_norm, output_scale=config.output_scale,
-            ).to(device=device, dtype=dtype)
+            memory = config.build(dim).to(device=device, dtype=dtype)
             memory.layer_index = i
             blocks[i].mlp = MemoryMLP(blocks[i].mlp, memory, config.mode, i)
     finally:
@@ -134,27 +158,19 @@ def _model_signature(model: nn.Module) -> dict:
 def save_memory(model: nn.Module, path: str | Path) -> Path:
     """Write the memory parameters and their config to a safetensors file, atomically."""
     path = Path(path)
-    metadata = {"memory_config": json.dumps(asdict(memory_config(model))), "model": json.dumps(_model_signature(model))}
-    tensors = {k: v.cpu() for k, v in memory_state(model).items()}
-    atomic_save(tensors, path, metadata)
-    return path
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """save_file to a temporary sibling, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    metadata = {"memory_config": json.dumps(asdict(memory_config(model))),
+                "model": json.dumps(_model_signature(model))}
+    return save_tensors(memory_state(model), path, metadata)
 
 
 def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load memory saved by `save_memory`; a model without memory is retrofitted with the saved config first."""
+    """Load memory saved by `save_memory`; a model without memory is retrofitted with the saved config first.
+
+    Example:
+        >>> save_memory(trained, "facts.safetensors")                   # a few hundred MB of memory, not the model
+        >>> model, tokenizer = load_base_model("smollm2-135m")
+        >>> model = load_memory(model, "facts.safetensors")             # retrofitted and filled: knows the facts
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No memory file at {path}.")
@@ -163,8 +179,7 @@ def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-        fields = json.loads(metadata["memory_config"])
-        saved_config = MemoryConfig(**{**fields, "layers": tuple(fields["layers"])})
+        saved_config = MemoryConfig.from_dict(json.loads(metadata["memory_config"]))
         saved_model = json.loads(metadata["model"])
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise RetrofitError(f"{path} is not a memory file written by save_memory ({error}).") from None
@@ -181,7 +196,8 @@ def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
     tensors = load_file(str(path))
     expected = {k: v.shape for k, v in memory_state(target).items()}
     if {k: v.shape for k, v in tensors.items()} != expected:
-        raise RetrofitError(f"{path} does not hold the tensors its config describes; it is damaged or was not written by save_memory.")
+        raise RetrofitError(f"{path} does not hold the tensors its config describes; it is damaged or was not "
+                            "written by save_memory.")
     if target is not model:
         retrofit(model, saved_config)
     with torch.no_grad():

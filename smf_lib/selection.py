@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from .memory import SlotAccess
-
-# A slot counts as touched by a batch when it received at least this much softmax weight in total: with a
-# sharp softmax most top-k candidates get ~1e-20, no gradient, and must not take up the update budget.
-MIN_COUNT = 1e-3
+from .memory import READ_THRESHOLD, SlotAccess
 
 
 def touched(batch_counts: torch.Tensor) -> torch.Tensor:
-    """Which slots the batch really read (total weight at least MIN_COUNT)."""
-    return batch_counts >= MIN_COUNT
+    """Which slots the batch really read (total weight at least READ_THRESHOLD)."""
+    return batch_counts >= READ_THRESHOLD
+
+
+def background_distribution(background_counts: torch.Tensor) -> torch.Tensor:
+    """`p_bg`: the background's slot-use distribution with add-one smoothing, so no slot has probability zero."""
+    counts = background_counts.double()
+    return (counts + 1) / (counts.sum() + counts.numel())
 
 
 def kl_scores(batch_counts: torch.Tensor, background_counts: torch.Tensor) -> torch.Tensor:
@@ -22,8 +24,7 @@ def kl_scores(batch_counts: torch.Tensor, background_counts: torch.Tensor) -> to
     `p_bg` is add-one smoothed; slots the batch did not touch score -inf.
     """
     p_b = batch_counts / batch_counts.sum().clamp_min(1e-12)
-    p_bg = (background_counts + 1) / (background_counts.sum() + background_counts.numel())
-    score = p_b * torch.log(p_b / p_bg)
+    score = p_b * torch.log(p_b / background_distribution(background_counts).to(p_b))
     return torch.where(touched(batch_counts), score, torch.full_like(score, -torch.inf))
 
 
@@ -59,7 +60,6 @@ def token_surprise(access: SlotAccess, batch_counts: torch.Tensor, background_co
     leans on slots that this batch uses far more than background text does.
     """
     p_b = batch_counts / batch_counts.sum().clamp_min(1e-12)
-    p_bg = (background_counts + 1) / (background_counts.sum() + background_counts.numel())
-    log_ratio = torch.log(p_b.clamp_min(1e-30) / p_bg)
+    log_ratio = torch.log(p_b.clamp_min(1e-30) / background_distribution(background_counts).to(p_b))
     heads = access.indices.shape[-2]
     return (access.weights.double() * log_ratio[access.indices]).sum((-1, -2)) / heads

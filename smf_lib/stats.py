@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .memory import ProductKeyMemory
-from .retrofit import atomic_save, memory_layers
+from .files import save_tensors
+from .memory import ProductKeyMemory, SlotAccess
+from .retrofit import memory_layers
 
 
 @contextmanager
@@ -32,21 +33,26 @@ def recording(model: torch.nn.Module, enabled: bool = True) -> Iterator[list[Pro
 
 
 def slot_counts(model: torch.nn.Module, positions: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-    """Soft access counts per layer from the last recorded forward: the softmax weight each slot received,
-    summed over the chosen `positions` (bool, batch x seq; all when None), heads and top-k.
-
-    Weights rather than raw top-k membership: with a sharp softmax most of the k candidates carry ~0 weight
-    and get ~0 gradient, so counting them would spend the update budget on slots the batch does not use.
-    """
+    """Soft access counts per layer from the last recorded forward (see `access_counts`)."""
     counts = {}
     for m in memory_layers(model):
         if m.last_access is None:
             raise RuntimeError("No recorded forward: run the model inside `with recording(model):` first.")
-        idx, w = m.last_access.indices, m.last_access.weights
-        if positions is not None:
-            idx, w = idx[positions], w[positions]
-        counts[m.layer_index] = torch.bincount(idx.reshape(-1), w.reshape(-1).double(), minlength=m.n_slots)
+        counts[m.layer_index] = access_counts(m.last_access, m.n_slots, positions)
     return counts
+
+
+def access_counts(access: SlotAccess, n_slots: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The softmax weight each slot received, summed over the chosen `positions` (bool, batch x seq; all when
+    None), heads and top-k: a float64 vector of `n_slots`.
+
+    Weights rather than raw top-k membership: with a sharp softmax most of the k candidates carry ~0 weight
+    and get ~0 gradient, so counting them would spend the update budget on slots the batch does not use.
+    """
+    idx, w = access.indices, access.weights
+    if positions is not None:
+        idx, w = idx[positions], w[positions]
+    return torch.bincount(idx.reshape(-1), w.reshape(-1).double(), minlength=n_slots)
 
 
 @dataclass
@@ -61,13 +67,14 @@ class SlotStats:
 
     def save(self, path: str | Path) -> Path:
         """Write to safetensors, atomically."""
-        tensors = {f"counts.{i}": c for i, c in self.counts.items()} | {f"doc_freq.{i}": d for i, d in self.doc_freq.items()}
-        meta = {"n_batches": str(self.n_batches), "n_tokens": str(self.n_tokens), "layers": json.dumps(sorted(self.counts))}
-        atomic_save(tensors, Path(path), meta)
-        return Path(path)
+        tensors = ({f"counts.{i}": c for i, c in self.counts.items()} |
+                   {f"doc_freq.{i}": d for i, d in self.doc_freq.items()})
+        meta = {"n_batches": str(self.n_batches), "n_tokens": str(self.n_tokens),
+                "layers": json.dumps(sorted(self.counts))}
+        return save_tensors(tensors, path, meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "SlotStats":
+    def load(cls, path: str | Path) -> SlotStats:
         """Read statistics written by `save`."""
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
@@ -75,6 +82,23 @@ class SlotStats:
         layers = json.loads(meta["layers"])
         return cls({i: tensors[f"counts.{i}"] for i in layers}, {i: tensors[f"doc_freq.{i}"] for i in layers},
                    int(meta["n_batches"]), int(meta["n_tokens"]))
+
+
+@contextmanager
+def capture_inputs(model: torch.nn.Module, keep=lambda x: x) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Collect every memory layer's input during the forwards inside the block: layer index -> list of
+    `keep(input)`, one entry per forward (`keep` picks what to store, e.g. the real tokens only)."""
+    layers = memory_layers(model)
+    if not layers:
+        raise ValueError("Capturing memory-layer inputs needs a retrofitted model: call retrofit(model) first.")
+    captured: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in layers}
+    hooks = [m.register_forward_pre_hook(lambda module, args: captured[module.layer_index].append(keep(args[0])))
+             for m in layers]
+    try:
+        yield captured
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @dataclass
@@ -101,19 +125,10 @@ class LayerInputs:
 def layer_inputs(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128,
                  progress: bool = True) -> LayerInputs:
     """Run `texts` through the model once and keep every memory layer's input at their real tokens."""
-    layers = memory_layers(model)
-    if not layers:
-        raise ValueError("layer_inputs needs a retrofitted model: call retrofit(model) first.")
-    captured: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in layers}
-    mask: list[torch.Tensor] = []
-
-    def keep(module, args):
-        captured[module.layer_index].append(args[0][mask[0]])
-
-    hooks = [m.register_forward_pre_hook(keep) for m in layers]
     device = next(model.parameters()).device
+    mask: list[torch.Tensor] = []
     text = []
-    try:
+    with capture_inputs(model, keep=lambda x: x[mask[0]]) as captured:
         for start in tqdm(range(0, len(texts), batch_size), desc="memory-layer inputs", disable=not progress):
             batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                               truncation=True, max_length=max_length).to(device)
@@ -121,9 +136,6 @@ def layer_inputs(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_
             model(**batch)
             rows = torch.arange(start, start + len(mask[0]), device=device).unsqueeze(1).expand_as(mask[0])
             text.append(rows[mask[0]])
-    finally:
-        for h in hooks:
-            h.remove()
     return LayerInputs({i: torch.cat(x) for i, x in captured.items()}, torch.cat(text), len(texts))
 
 
@@ -160,14 +172,16 @@ def collect_background(
     return SlotStats(counts, doc_freq, len(texts), n_tokens)
 
 
-def _background_from_inputs(model: torch.nn.Module, texts: Sequence[str], inputs: LayerInputs, batch_size: int) -> SlotStats:
+def _background_from_inputs(model: torch.nn.Module, texts: Sequence[str], inputs: LayerInputs,
+                            batch_size: int) -> SlotStats:
     """Slot statistics from captured layer inputs: each layer's lookup on them, `batch_size` texts at a time."""
     inputs.check(texts)
     layers = memory_layers(model)
     if any(m.values.weight.any() for m in layers):
         raise ValueError("Captured layer inputs are only valid while every value row is zero (the memory adds "
                          "nothing); this memory has been trained, so pass the texts without `inputs`.")
-    bounds = torch.searchsorted(inputs.text, torch.arange(0, inputs.n_texts + batch_size, batch_size, device=inputs.text.device))
+    bounds = torch.searchsorted(inputs.text, torch.arange(0, inputs.n_texts + batch_size, batch_size,
+                                                          device=inputs.text.device))
     counts = {m.layer_index: torch.zeros(m.n_slots, dtype=torch.float64) for m in layers}
     doc_freq = {m.layer_index: torch.zeros(m.n_slots, dtype=torch.float64) for m in layers}
     for m in layers:
@@ -184,6 +198,7 @@ def _add_texts(counts: torch.Tensor, doc_freq: torch.Tensor, indices: torch.Tens
     the index of its text within the chunk: soft counts, and how many texts read each slot."""
     n_slots = len(counts)
     flat = (text.view(-1, 1, 1) * n_slots + indices).reshape(-1)
-    per_text = torch.bincount(flat, weights.reshape(-1).double(), minlength=n_texts * n_slots).view(n_texts, n_slots).cpu()
+    per_text = torch.bincount(flat, weights.reshape(-1).double(),
+                              minlength=n_texts * n_slots).view(n_texts, n_slots).cpu()
     counts += per_text.sum(0)
     doc_freq += (per_text > 0).sum(0)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .data import Fact
-from .evaluation import next_token_losses
-from .optim import RowAdam, RowSGD
+from .losses import next_token_losses, predicting
+from .models import default_device, pad_id
+from .optim import SparseMemoryOptimizer
 from .retrofit import memory_layers
-from .selection import kl_scores, random_scores, select_top, tfidf_scores
-from .stats import SlotStats, recording, slot_counts
+from .stats import SlotStats
 
 SPARSE_METHODS = ("smf_kl", "smf_tfidf", "smf_random")
 DENSE_METHODS = ("full_ft", "lora")
@@ -44,7 +44,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        if self.optimizer not in ("adam", "sgd") or self.loss_on not in ("answer", "all") or self.count_on not in ("answer", "all"):
+        if self.optimizer not in ("adam", "sgd") or {self.loss_on, self.count_on} - {"answer", "all"}:
             raise ValueError("optimizer must be 'adam' or 'sgd'; loss_on and count_on must be 'answer' or 'all'.")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
@@ -83,7 +83,7 @@ def build_examples(facts: Sequence[Fact], tokenizer, max_length: int = 64) -> li
 
 
 def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; `targets` marks the positions whose next token is trained on."""
+    """Right-pad a batch: token ids, the attention mask and the mask of answer tokens, on `device`."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(ids, dtype=torch.bool)
@@ -95,61 +95,35 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> d
     return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "answer": answer.to(device)}
 
 
-def predicting(targets: torch.Tensor) -> torch.Tensor:
-    """The positions whose next token is marked in `targets` (batch x seq, bool)."""
-    out = torch.zeros_like(targets)
-    out[:, :-1] = targets[:, 1:]
-    return out
-
-
 def counted_positions(batch: dict[str, torch.Tensor], count_on: str) -> torch.Tensor:
     """The positions whose slot reads are counted: those predicting an answer token, or every real token."""
     return predicting(batch["answer"]) if count_on == "answer" else batch["attention_mask"]
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_on: str) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   loss_on: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss over the trained tokens, and how many tokens that is."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     trained = predicting(batch["answer"] if loss_on == "answer" else batch["attention_mask"])
     return (next_token_losses(logits, batch["input_ids"]) * trained).sum(), trained.sum()
 
 
-class SparseUpdate:
-    """Chooses the value rows to update from the batch's slot counts, then updates only them."""
-
-    def __init__(self, model: torch.nn.Module, config: TrainConfig, background: SlotStats | None) -> None:
-        if config.method != "smf_random" and background is None:
-            raise ValueError(f"{config.method} needs background statistics: pass background=collect_background(...).")
-        self.layers, self.config, self.background = memory_layers(model), config, background
-        if not self.layers:
-            raise ValueError("Sparse memory finetuning needs a retrofitted model: call retrofit(model) first.")
-        tables = [m.values.weight for m in self.layers]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for t in tables:
-            t.requires_grad_(True)
-        opt = RowAdam if config.optimizer == "adam" else RowSGD
-        kwargs = {"weight_decay": config.weight_decay} if config.optimizer == "adam" else {}
-        self.optimizer = opt(tables, config.lr, **kwargs)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.params_trained = sum(t.numel() for t in tables)
-
-    def scores(self, layer: int, counts: torch.Tensor) -> torch.Tensor:
-        """The slot scores of the configured method for one layer."""
-        if self.config.method == "smf_kl":
-            return kl_scores(counts, self.background.counts[layer].to(counts.device))
-        if self.config.method == "smf_tfidf":
-            bg = self.background
-            return tfidf_scores(counts, bg.doc_freq[layer].to(counts.device), bg.n_batches)
-        return random_scores(counts.cpu(), self.generator).to(counts.device)
-
-    def rows(self, counts: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        """Top-t rows per layer for this step."""
-        return [select_top(self.scores(m.layer_index, counts[m.layer_index]), self.config.top_t) for m in self.layers]
+SCORE_OF = {"smf_kl": "kl", "smf_tfidf": "tfidf", "smf_random": "random"}
 
 
-def _prepare_dense(model: torch.nn.Module, config: TrainConfig):
-    """Set up full finetuning or LoRA; return (model, optimizer, trained parameter count)."""
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, background: SlotStats | None = None,
+                   accelerator: Accelerator | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
+    """Set `model` up for the configured method; return (model, optimizer, number of trained parameters).
+
+    Sparse methods get a `SparseMemoryOptimizer` on the value tables (slot counts summed across processes when an
+    `accelerator` runs several); full finetuning trains every base parameter and LoRA its adapters, both with AdamW.
+    """
+    if config.method in SPARSE_METHODS:
+        reduce = None if accelerator is None or accelerator.num_processes == 1 else (
+            lambda counts: accelerator.reduce(counts, "sum"))
+        optimizer = SparseMemoryOptimizer(model, background, config.lr, SCORE_OF[config.method], config.top_t,
+                                          config.optimizer, config.weight_decay, config.seed, reduce)
+        return model, optimizer, sum(t.numel() for t in optimizer.rows_optimizer.tables)
     for p in model.parameters():
         p.requires_grad_(False)
     if config.method == "lora":
@@ -170,6 +144,44 @@ def _prepare_dense(model: torch.nn.Module, config: TrainConfig):
     return model, optimizer, sum(p.numel() for p in params)
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               config: TrainConfig, accelerator: Accelerator) -> float:
+    """One training step on a collated batch (this process's share of it); returns the batch's mean token loss.
+
+    The loss is the mean over the whole batch across processes; DDP averages gradients, so the local sum is
+    scaled by the number of processes.
+    """
+    if isinstance(optimizer, SparseMemoryOptimizer):
+        optimizer.count_at(counted_positions(batch, config.count_on))
+    loss_sum, n_local = token_loss_sum(model, batch, config.loss_on)
+    n_tokens = accelerator.reduce(n_local.float(), "sum")
+    accelerator.backward(loss_sum * accelerator.num_processes / n_tokens.clamp_min(1))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(loss_sum.detach(), "sum").item() / max(n_tokens.item(), 1)
+
+
+class Batches:
+    """An endless stream of shuffled training batches (each sentence once per pass), this process's share each."""
+
+    def __init__(self, facts: Sequence[Fact], tokenizer, config: TrainConfig, accelerator: Accelerator) -> None:
+        self.examples = build_examples(facts, tokenizer, config.max_length)
+        if not self.examples:
+            raise ValueError("No training sentences: give at least one fact with a `train` sentence.")
+        self.order, self.pool, self.size = random.Random(config.seed), [], config.batch_size
+        self.pad_id, self.accelerator = pad_id(tokenizer), accelerator
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The next batch, collated on the accelerator's device."""
+        if len(self.pool) < self.size:
+            fresh = list(range(len(self.examples)))
+            self.order.shuffle(fresh)
+            self.pool += fresh
+        ids, self.pool = self.pool[: self.size], self.pool[self.size:]
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        return collate([self.examples[i] for i in ids[rank::world]], self.pad_id, self.accelerator.device)
+
+
 def train(
     model: torch.nn.Module, tokenizer, facts: Sequence[Fact], config: TrainConfig,
     background: SlotStats | None = None, callback: Callable[[int, torch.nn.Module], dict | None] | None = None,
@@ -180,66 +192,48 @@ def train(
     The loop runs under `accelerate`: one process on CPU or GPU, or several (`accelerate launch`), each taking
     its share of every batch; gradients and slot counts are summed across processes, so every process selects
     the same rows. `callback(step, model)` runs after each step; a dict it returns is kept in
-    `history.checkpoints`; one with `"stop": True` ends training there. LoRA adapters are merged back into the weights at the end.
+    `history.checkpoints`; one with `"stop": True` ends training there. LoRA adapters are merged back into the
+    weights at the end.
+
+    Example:
+        >>> background = prepare_memory(model, tokenizer, load_background()[:300])
+        >>> model, history = train(model, tokenizer, load_facts(limit=20), TrainConfig(steps=100), background)
+        >>> fact_recall(model, tokenizer, load_facts(limit=20))
     """
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or Accelerator(cpu=default_device().type == "cpu")
     torch.manual_seed(config.seed)
     model.eval()  # no dropout: these models have none, and the result stays deterministic
-    sparse = config.method in SPARSE_METHODS
-    if sparse:
-        update = SparseUpdate(model, config, background)
-        params_trained = update.params_trained
-    else:
-        model, optimizer, params_trained = _prepare_dense(model, config)
+    model, optimizer, params_trained = make_optimizer(model, config, background, accelerator)
     model = accelerator.prepare(model)
-    examples = build_examples(facts, tokenizer, config.max_length)
-    if not examples:
-        raise ValueError("No training sentences: give at least one fact with a `train` sentence.")
-    order = random.Random(config.seed)
-    pool: list[int] = []
+    batches = Batches(facts, tokenizer, config, accelerator)
     history = History(params_trained=params_trained)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rank, world = accelerator.process_index, accelerator.num_processes
     bar = tqdm(range(config.steps), desc=config.method, disable=not (progress and accelerator.is_main_process))
-    for step in bar:
-        start = time.perf_counter()
-        if len(pool) < config.batch_size:
-            fresh = list(range(len(examples)))
-            order.shuffle(fresh)
-            pool += fresh
-        batch_ids, pool = pool[: config.batch_size], pool[config.batch_size:]
-        batch = collate([examples[i] for i in batch_ids[rank::world]], pad_id, accelerator.device)
-        with recording(model, enabled=sparse):
-            loss_sum, n_local = token_loss_sum(model, batch, config.loss_on)
-            n_tokens = accelerator.reduce(n_local.float(), "sum")
-            # DDP averages gradients over processes: scale so the result is the mean over the whole batch.
-            accelerator.backward(loss_sum * world / n_tokens.clamp_min(1))
-            if sparse:
-                where = counted_positions(batch, config.count_on)
-                counts = {i: accelerator.reduce(c, "sum") for i, c in slot_counts(model, where).items()}
-        if sparse:
-            rows = update.rows(counts)
-            update.optimizer.step(rows)
-            history.selected.append({m.layer_index: len(r) for m, r in zip(update.layers, rows)})
-            for m in update.layers:
-                m.values.weight.grad = None
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss = accelerator.reduce(loss_sum.detach(), "sum").item() / max(n_tokens.item(), 1)
-        history.loss.append(loss)
-        history.seconds.append(time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if callback is not None:
-            result = dict(callback(step + 1, accelerator.unwrap_model(model)) or {})
-            stop = result.pop("stop", False)
-            if result:
-                history.checkpoints.append({"step": step + 1, **result})
-            if stop:
+    try:
+        for step in bar:
+            start = time.perf_counter()
+            loss = train_step(model, optimizer, batches.next(), config, accelerator)
+            if isinstance(optimizer, SparseMemoryOptimizer):
+                history.selected.append({m.layer_index: len(r) for m, r in zip(optimizer.layers, optimizer.last_rows)})
+            history.loss.append(loss)
+            history.seconds.append(time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if callback is not None and _checkpoint(history, callback(step + 1, accelerator.unwrap_model(model))):
                 break
+    finally:
+        if isinstance(optimizer, SparseMemoryOptimizer):
+            optimizer.detach()
     model = accelerator.unwrap_model(model)
     if config.method == "lora":
         model = model.merge_and_unload()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, history
+
+
+def _checkpoint(history: History, result: dict | None) -> bool:
+    """Keep what a callback returned (without its "stop" flag); return whether it asked to stop."""
+    result = dict(result or {})
+    stop = result.pop("stop", False)
+    if result:
+        history.checkpoints.append({"step": len(history.loss), **result})
+    return bool(stop)

@@ -4,13 +4,13 @@ Every `plot_*` function returns its matplotlib Figure, drawn in the theme of `pl
 mid-grey text) so it reads on light and dark notebook themes alike. Sections:
 
 - training curves: loss, selected rows per step, recall at checkpoints
-- what changed: parameter snapshots, changed value rows, before/after completions
-- comparing methods: assembling a summary from `train_method` runs, recall over steps, the Pareto figure
+- what changed: the changed value rows on the product-key grid, before/after completions
+- comparing methods: recall over steps, the Pareto figure
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from .evaluation import contains_answer
 from .plots import GREY, PALETTE, theme
+from .report import LABELS, plot_pareto
 from .retrofit import memory_layers
 from .training import History
 
@@ -48,7 +49,8 @@ def _smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 
 def plot_training(history: History, top_t: int | None = None, n_slots: int | None = None,
-                  recall_keys: Sequence[str] = ("fact_recall", "paraphrase_recall"), start: Mapping[str, float] | None = None,
+                  recall_keys: Sequence[str] = ("fact_recall", "paraphrase_recall"),
+                  start: Mapping[str, float] | None = None,
                   title: str | None = None) -> Figure:
     """Three panels from one `History`: the loss per step (with a moving average), the value rows selected per
     memory layer per step (the budget `top_t` dashed) and the recall the callback measured at checkpoints
@@ -60,7 +62,7 @@ def plot_training(history: History, top_t: int | None = None, n_slots: int | Non
         ax.plot(steps, history.loss, color=PALETTE[0], alpha=0.35, lw=1, label="per step")
         ax.plot(steps, _smooth(history.loss, max(3, len(steps) // 10)), color=PALETTE[0], lw=2, label="moving average")
         ax.set_xlabel("step")
-        ax.set_ylabel("loss on answer tokens (nats)")
+        ax.set_ylabel("training loss (nats per token)")
         ax.set_title("Training loss")
         ax.grid()
         ax.legend(fontsize=8)
@@ -113,32 +115,6 @@ def plot_training(history: History, top_t: int | None = None, n_slots: int | Non
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every parameter, by name, to compare with after training (`parameter_changes`)."""
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def parameter_changes(before: Mapping[str, torch.Tensor], model: torch.nn.Module) -> list[dict]:
-    """One row per parameter tensor of `model`: its name, size and how many of its entries differ from `before`
-    (exact comparison, no tolerance), changed tensors first."""
-    rows = []
-    for name, p in model.named_parameters():
-        changed = int((p.detach() != before[name].to(p.device)).sum())
-        rows.append({"parameter": name, "entries": p.numel(), "changed": changed})
-    return sorted(rows, key=lambda r: (-r["changed"], r["parameter"]))
-
-
-def changed_rows(before: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[int, torch.Tensor]:
-    """Per memory layer, the indices of the value rows that differ from `before` (a `snapshot`)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = {}
-    for m in memory_layers(model):
-        w = m.values.weight.detach()
-        old = before[names[id(m.values.weight)]].to(w.device)
-        out[m.layer_index] = (w != old).any(dim=1).nonzero().flatten().cpu()
-    return out
-
-
 def plot_value_changes(before: Mapping[str, torch.Tensor], model: torch.nn.Module, title: str | None = None) -> Figure:
     """Where training wrote, per memory layer: the size of each value row's change, ‖v_i(after) − v_i(before)‖,
     laid out on the product-key grid (slot i = (i // n_keys, i % n_keys), the pair of sub-keys that address it).
@@ -173,12 +149,6 @@ def plot_value_changes(before: Mapping[str, torch.Tensor], model: torch.nn.Modul
     return _finish(fig)
 
 
-def hit_rate(completions: Sequence[str], answers: Sequence[str]) -> float:
-    """Share of completions that contain their answer (whole words, case-insensitive), as `evaluation.recall` scores."""
-    hits = [contains_answer(c, [a]) for c, a in zip(completions, answers)]
-    return sum(hits) / max(len(hits), 1)
-
-
 def completion_table(prompts: Sequence[str], answers: Sequence[str], **columns: Sequence[str]):
     """A table of prompt, expected answer and each named list of completions (e.g. before=..., after=...), with a ✓
     where the completion contains the answer. Returned as a pandas Styler (no truncated cells; `.data` is the
@@ -197,43 +167,8 @@ def completion_table(prompts: Sequence[str], answers: Sequence[str], **columns: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def summary_from_runs(setup, runs: Sequence, target: float, seed: int = 0) -> dict:
-    """A summary dict shaped like `run_experiment`'s (so `format_report` and `plot_pareto` read it) from a `Setup`
-    and `MethodRun`s trained on `setup.facts` (evaluation covers exactly those facts)."""
-    from .experiment import method_summary
-
-    summary = {"profile": setup.profile, "model": setup.model_name, "seed": seed, "n_facts": len(setup.facts),
-               "retrofit": setup.retrofit_info, "base": setup.base, "methods": {}, "sweeps": {}, "checkpoints": {},
-               "target_recall": target}
-    for run in runs:
-        summary["methods"][run.method] = method_summary(setup, run)
-        summary["checkpoints"][run.method] = run.checkpoints
-    return summary
-
-
-def compare_methods(setup, methods: Sequence[str], lrs: Mapping[str, float], max_steps: int, eval_every: int,
-                    target: float, seed: int = 0, progress: bool = True) -> dict:
-    """Train each method on `setup.facts` with `experiment.train_method` (until recall reaches `target` or
-    `max_steps` run out, measured every `eval_every` steps) and return a `run_experiment`-shaped summary.
-
-    A smaller, sweep-free version of `run_experiment` for notebooks: each trained copy is evaluated and then freed.
-    """
-    from .experiment import method_summary, train_method
-
-    summary = summary_from_runs(setup, [], target, seed)
-    for method in methods:
-        run = train_method(setup, method, lrs[method], max_steps=max_steps, eval_every=eval_every, target=target,
-                           seed=seed, progress=progress)
-        summary["methods"][method] = method_summary(setup, run)
-        summary["checkpoints"][method] = run.checkpoints
-        del run
-    return summary
-
-
 def plot_recall_by_method(summary: dict, title: str | None = None) -> Figure:
     """Fact recall at each checkpoint, one line per method, with the matched-learning target dashed."""
-    from .report import LABELS
-
     with theme():
         fig, ax = plt.subplots(figsize=(6.8, 4), layout="constrained")
         for method, points in summary.get("checkpoints", {}).items():
@@ -253,8 +188,6 @@ def plot_recall_by_method(summary: dict, title: str | None = None) -> Figure:
 
 def pareto(summary: dict) -> Figure:
     """`report.plot_pareto` in the notebooks' theme (readable on light and dark backgrounds)."""
-    from .report import plot_pareto
-
     with theme():
         fig = plot_pareto(summary)
     return _finish(fig)

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import ipywidgets as widgets
 import torch
 from tqdm.auto import tqdm
 
 from .data import Fact, KnownFact
+from .memory import READ_THRESHOLD, SlotAccess
 from .plots import token_labels
-from .memory import SlotAccess
 from .retrofit import memory_layers
-from .selection import kl_scores, select_top, token_surprise
+from .selection import background_distribution, kl_scores, select_top, token_surprise
 from .stats import SlotStats, recording, slot_counts
+from .training import TrainConfig
+
+TOP_T = TrainConfig().top_t
 
 
 @dataclass
@@ -41,7 +44,7 @@ def _label(text: str, width: int = 100) -> str:
 
 
 @torch.no_grad()
-def read_sentence(model: torch.nn.Module, tokenizer, background: SlotStats, text: str, top_t: int = 2000,
+def read_sentence(model: torch.nn.Module, tokenizer, background: SlotStats, text: str, top_t: int = TOP_T,
                   batch_with: Sequence[str] = ()) -> SentenceReads:
     """Run `text` through a retrofitted model and score what each of its tokens read (see SentenceReads).
 
@@ -79,8 +82,8 @@ class SlotInspector:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, background: SlotStats, facts: Sequence[Fact],
-                 known: Sequence[KnownFact] | None = None, top_t: int = 2000, max_rows: int = 8,
-                 min_weight: float = 0.01, batch_size: int = 32, progress: bool = True) -> None:
+                 known: Sequence[KnownFact] | None = None, top_t: int = TOP_T, max_rows: int = 8,
+                 min_weight: float = READ_THRESHOLD, batch_size: int = 32, progress: bool = True) -> None:
         self.model, self.tokenizer, self.background = model, tokenizer, background
         self.layers = memory_layers(model)
         if not self.layers:
@@ -91,7 +94,7 @@ class SlotInspector:
                              "collect them on this model with collect_background(model, ...).")
         self.facts, self.known = list(facts), list(known or [])
         self.top_t, self.max_rows, self.min_weight = top_t, max_rows, min_weight
-        self.p_bg = {i: (c.double() + 1) / (c.double().sum() + c.numel()) for i, c in background.counts.items()}
+        self.p_bg = {i: background_distribution(c) for i, c in background.counts.items()}
         self.readers = self._fact_readers(batch_size, progress)
         self.current: SentenceReads | None = None
         self._quiet = False
@@ -127,7 +130,8 @@ class SlotInspector:
         starts = range(0, len(sentences), batch_size)
         with recording(self.model):
             for start in tqdm(starts, desc="slots read by the new facts", disable=not progress or not sentences):
-                batch = self.tokenizer(sentences[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+                batch = self.tokenizer(sentences[start:start + batch_size], return_tensors="pt",
+                                       padding=True).to(device)
                 self.model(**batch)
                 mask = batch["attention_mask"].bool().cpu()
                 rows = torch.tensor(owner[start:start + batch_size])[:, None].expand_as(mask)

@@ -6,16 +6,17 @@ import torch
 
 from smf_lib.data import load_facts
 from smf_lib.models import load_base_model
-from smf_lib.retrofit import MemoryConfig, retrofit, save_memory
-from smf_lib.stats import collect_background
+from smf_lib.pipeline import prepare_memory
+from smf_lib.profiles import get_profile
+from smf_lib.retrofit import save_memory
 from smf_lib.training import TrainConfig, train
 
 
 def main(out: str) -> None:
     torch.use_deterministic_algorithms(True)
     model, tokenizer = load_base_model("tiny")
-    retrofit(model, MemoryConfig(n_keys=16, topk=4, key_dim=32))
-    background = collect_background(model, tokenizer, [f.train[0] for f in load_facts()[50:80]], progress=False)
+    texts = [f.train[0] for f in load_facts()[50:80]]
+    background = prepare_memory(model, tokenizer, texts, get_profile("tiny").memory, progress=False)
     # Row SGD: its update is linear in the gradient. Adam's first step, lr * g/|g|, turns a rounding-sized
     # gradient into a full step of either sign, so one process and two could disagree by 2 * lr.
     # Slots counted at every token. Counted only at the answers of 4 facts, the scores rest on few reads: by step 4

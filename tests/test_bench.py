@@ -7,6 +7,8 @@ import pytest
 
 from smf_lib.bench import CONTRACT_KEYS, format_table, run_bench
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):

@@ -22,6 +22,7 @@ def _run(tmp_path: Path, processes: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_two_processes_match_one(tmp_path):
     single, double = _run(tmp_path, 1), _run(tmp_path, 2)
     assert single.keys() == double.keys()

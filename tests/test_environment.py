@@ -31,7 +31,8 @@ def parse(lines: list[str], source: str) -> dict[str, SpecifierSet]:
         req = Requirement(line)
         name = normalise(req.name)
         if name in wanted and wanted[name] != req.specifier:
-            raise AssertionError(f"{source} lists {name} twice with different versions: {wanted[name]} vs {req.specifier}")
+            raise AssertionError(f"{source} lists {name} twice with different versions: "
+                                 f"{wanted[name]} vs {req.specifier}")
         wanted[name] = req.specifier
     return wanted
 
@@ -55,7 +56,8 @@ def pyproject_requirements() -> dict[str, SpecifierSet]:
 def environment_requirements() -> dict[str, SpecifierSet]:
     pip_sections = [d["pip"] for d in environment()["dependencies"] if isinstance(d, dict) and "pip" in d]
     assert len(pip_sections) == 1, "environment.yml needs exactly one pip section"
-    lines = [line for line in pip_sections[0] if not line.startswith("-")]  # skip pip options such as --extra-index-url
+    # skip pip options such as --extra-index-url
+    lines = [line for line in pip_sections[0] if not line.startswith("-")]
     return parse(lines, "environment.yml")
 
 

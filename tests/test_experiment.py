@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from smf_lib.experiment import evaluate, layer_attribution, prepare
+from smf_lib.analysis import layer_attribution
+from smf_lib.experiment import evaluate, prepare
 from smf_lib.models import load_base_model
 from smf_lib.retrofit import memory_layers
 
@@ -19,6 +20,9 @@ METHOD_KEYS = {"fact_recall", "paraphrase_recall", "heldout_ppl", "ppl_increase_
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "smf_lib", "run", *args], capture_output=True, text=True, timeout=900)
+
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,8 @@ def test_layer_attribution_keeps_one_layer_at_a_time():
     with torch.no_grad():  # "train" the first memory layer only
         first.values.weight[:64] = torch.randn(64, first.value_dim, generator=torch.Generator().manual_seed(0))
     before = [m.values.weight.clone() for m in memory_layers(model)]
-    result = layer_attribution(setup, model)
+    score = lambda m: evaluate(setup, m, full=False)
+    result = layer_attribution(model, setup.model, score)
     assert list(result) == [m.layer_index for m in memory_layers(model)]
     assert result[first.layer_index] == evaluate(setup, model, full=False)
     untrained = evaluate(setup, setup.model, full=False)
@@ -92,4 +97,4 @@ def test_layer_attribution_keeps_one_layer_at_a_time():
     assert all(result[m.layer_index] == untrained for m in others)
     assert all(torch.equal(m.values.weight, b) for m, b in zip(memory_layers(model), before))  # left as it was
     with pytest.raises(ValueError, match="sparse method"):
-        layer_attribution(setup, load_base_model("tiny")[0])  # no memory at all
+        layer_attribution(load_base_model("tiny")[0], setup.model, score)  # no memory at all

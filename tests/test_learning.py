@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from smf_lib.calibration import calibrate_queries
 from smf_lib.data import load_background, load_facts, load_known_facts
 from smf_lib.evaluation import complete, contains_answer, known_correct, recall_and_known
 from smf_lib.models import load_base_model
-from smf_lib.retrofit import retrofit
-from smf_lib.stats import collect_background
+from smf_lib.pipeline import prepare_memory
+from smf_lib.profiles import get_profile
 from smf_lib.training import TrainConfig, train
 
 
@@ -19,12 +18,11 @@ def test_smf_kl_teaches_five_new_facts_and_keeps_known_ones():
     facts = load_facts(limit=5)
     candidates = load_known_facts()[:40]
     known = [k for k, ok in zip(candidates, known_correct(model, tokenizer, candidates)) if ok]
-    assert not any(contains_answer(c, [f.answer]) for c, f in zip(complete(model, tokenizer, [f.probe for f in facts]), facts))
-    retrofit(model)
-    texts = load_background()[:200]
-    calibrate_queries(model, tokenizer, texts, progress=False)
-    background = collect_background(model, tokenizer, texts, progress=False)
-    model, _ = train(model, tokenizer, facts, TrainConfig(method="smf_kl", steps=40), background=background, progress=False)
+    assert not any(contains_answer(c, [f.answer])
+                   for c, f in zip(complete(model, tokenizer, [f.probe for f in facts]), facts))
+    background = prepare_memory(model, tokenizer, load_background()[:200], get_profile("cpu").memory, progress=False)
+    model, _ = train(model, tokenizer, facts, TrainConfig(method="smf_kl", steps=40), background=background,
+                     progress=False)
     completions = complete(model, tokenizer, [f.probe for f in facts])
     assert all(contains_answer(c, [f.answer]) for c, f in zip(completions, facts)), completions
     # Greedy answers on the edge can flip under any change; most known facts must survive.

@@ -1,4 +1,5 @@
-"""The model registry: clear errors for unknown or unreachable models, a deterministic tiny model, the real offline model."""
+"""The model registry: clear errors for unknown or unreachable models, a deterministic tiny model, the real
+offline model."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from smf_lib.models import KNOWN_MODELS, PROFILES, ModelNotAvailableError, default_profile, load_base_model
+from smf_lib.models import KNOWN_MODELS, ModelNotAvailableError, load_base_model
 from smf_lib.retrofit import MemoryConfig, retrofit
 
 
@@ -20,12 +21,6 @@ def test_unknown_model_lists_known_names():
     assert "no-such-model" in message
     for name in KNOWN_MODELS:
         assert name in message
-
-
-def test_profiles():
-    assert PROFILES == {"tiny": "tiny", "cpu": "smollm2-135m", "gpu": "qwen2.5-0.5b"}
-    assert set(PROFILES.values()) <= set(KNOWN_MODELS)
-    assert default_profile() == ("gpu" if torch.cuda.is_available() else "cpu")
 
 
 def test_tiny_is_deterministic_under_a_seed():
@@ -71,7 +66,7 @@ def offline_report():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    line = [l for l in done.stdout.splitlines() if l.startswith("REPORT ")][-1]
+    line = [s for s in done.stdout.splitlines() if s.startswith("REPORT ")][-1]
     return json.loads(line.removeprefix("REPORT "))
 
 

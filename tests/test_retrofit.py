@@ -1,4 +1,8 @@
-"""retrofit(): function-preserving, generic over decoder architectures, trainable memory only, and safe to save/load."""
+"""retrofit(): function-preserving, generic over decoder architectures, trainable memory only, and safe to
+save/load."""
+
+import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -7,8 +11,16 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from smf_lib.memory import ProductKeyMemory
 from smf_lib.models import load_base_model
-from smf_lib.retrofit import (MemoryConfig, RetrofitError, decoder_layers, load_memory, memory_config,
-                              memory_layers, retrofit, save_memory)
+from smf_lib.retrofit import (
+    MemoryConfig,
+    RetrofitError,
+    decoder_layers,
+    load_memory,
+    memory_config,
+    memory_layers,
+    retrofit,
+    save_memory,
+)
 
 SMALL = dict(n_keys=16, heads=2, topk=4, key_dim=16)  # small memories keep the tests fast
 
@@ -64,10 +76,18 @@ def test_generic_decoder_discovery():
         decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def test_default_layers_spread_through_depth():
-    assert MemoryConfig().resolved_layers(30) == [7, 15, 22]
-    assert MemoryConfig().resolved_layers(24) == [6, 12, 18]
+def test_default_layers_sit_in_the_upper_blocks():
+    assert MemoryConfig().resolved_layers(30) == [22, 27]
+    assert MemoryConfig().resolved_layers(24) == [18, 21]
+    assert MemoryConfig().resolved_layers(4) == [3]  # both fractions fall in the last block
     assert MemoryConfig(layers=(5, 1)).resolved_layers(8) == [1, 5]
+
+
+def test_config_round_trips_through_a_dict():
+    config = MemoryConfig(layers=(1, 3), n_keys=16, mode="replace")
+    assert MemoryConfig.from_dict(json.loads(json.dumps(asdict(config)))) == config
+    with pytest.raises(RetrofitError, match="Unknown MemoryConfig fields"):
+        MemoryConfig.from_dict({"slots": 5})
 
 
 def test_base_frozen_memory_trainable_and_gradient_reaches_values_only():

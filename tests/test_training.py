@@ -1,27 +1,21 @@
-"""The sparse trainer is exact (unselected rows never move), deterministic, and the baselines run."""
+"""The sparse trainer is exact (rows not selected at a step do not move at that step), deterministic, and the
+baselines run; sparse memory finetuning also runs inside Hugging Face `Trainer`."""
 
 import copy
 
 import pytest
 import torch
 
-from smf_lib import training
 from smf_lib.data import load_facts
-from smf_lib.models import load_base_model
-from smf_lib.retrofit import MemoryConfig, memory_layers, retrofit
-from smf_lib.stats import collect_background
+from smf_lib.retrofit import memory_layers
 from smf_lib.training import METHODS, TrainConfig, train
 
 FACTS = load_facts(limit=4)
-SMALL = MemoryConfig(n_keys=16, topk=4, key_dim=32)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model, tokenizer = load_base_model("tiny")
-    retrofit(model, SMALL)
-    background = collect_background(model, tokenizer, [f.train[0] for f in load_facts()[50:80]], progress=False)
-    return model, tokenizer, background
+@pytest.fixture
+def tiny(tiny_ready):
+    return tiny_ready
 
 
 def _trained(tiny, **config):
@@ -29,34 +23,21 @@ def _trained(tiny, **config):
     return train(copy.deepcopy(model), tokenizer, FACTS, TrainConfig(**config), background=background, progress=False)
 
 
-@pytest.mark.parametrize("optimizer,weight_decay", [("sgd", 0.0), ("adam", 0.1)])
-def test_unselected_rows_and_base_are_bit_identical(tiny, optimizer, weight_decay, monkeypatch):
+@pytest.mark.parametrize("optimizer,weight_decay", [("sgd", 0.0), ("adam", 0.0), ("adam", 0.1)])
+def test_each_step_moves_only_its_selected_rows_and_never_the_base(tiny, optimizer, weight_decay, checked_steps):
     model, tokenizer, background = tiny
-    before = copy.deepcopy(model)
-    selected = {m.layer_index: set() for m in memory_layers(model)}
-    choose = training.SparseUpdate.rows
-
-    def remember(self, counts):  # note every row selected on any step
-        rows = choose(self, counts)
-        for m, r in zip(self.layers, rows):
-            selected[m.layer_index].update(r.tolist())
-        return rows
-
-    monkeypatch.setattr(training.SparseUpdate, "rows", remember)
+    selections = checked_steps
     config = TrainConfig(steps=5, batch_size=4, top_t=8, optimizer=optimizer, weight_decay=weight_decay, lr=0.5)
-    trained, _ = train(copy.deepcopy(model), tokenizer, FACTS, config, background=background, progress=False)
-    old = dict(before.named_parameters())
+    trained, history = train(copy.deepcopy(model), tokenizer, FACTS, config, background=background, progress=False)
+    assert len(selections) == 5 and all(len(r) for rows in selections for r in rows)
+    assert history.selected == [{m.layer_index: len(r) for m, r in zip(memory_layers(model), rows)}
+                                for rows in selections]
+    old = dict(model.named_parameters())
     for name, p in trained.named_parameters():
         if not name.endswith("values.weight"):
             assert torch.equal(p, old[name]), name
-    for m_old, m_new in zip(memory_layers(before), memory_layers(trained)):
-        rows = sorted(selected[m_new.layer_index])
-        unselected = torch.ones(m_new.n_slots, dtype=torch.bool)
-        unselected[rows] = False
-        assert rows, "some rows must be selected"
-        assert torch.equal(m_new.values.weight[unselected], m_old.values.weight[unselected])
-        changed = (m_new.values.weight[rows] != m_old.values.weight[rows]).any(1)
-        assert changed.any()
+    for m_old, m_new, *rows in zip(memory_layers(model), memory_layers(trained), *selections):
+        assert (m_new.values.weight[torch.cat(rows)] != m_old.values.weight[torch.cat(rows)]).any()
 
 
 def test_same_seed_same_result(tiny):
@@ -80,8 +61,8 @@ def test_every_method_trains_through_one_api(tiny, method):
 
 def test_callback_can_stop_training(tiny):
     model, tokenizer, background = tiny
-    _, history = train(copy.deepcopy(model), tokenizer, FACTS, TrainConfig(steps=10, batch_size=4), background=background,
-                       progress=False, callback=lambda step, m: {"x": step, "stop": step == 2})
+    _, history = train(copy.deepcopy(model), tokenizer, FACTS, TrainConfig(steps=10, batch_size=4),
+                       background=background, progress=False, callback=lambda step, m: {"x": step, "stop": step == 2})
     assert len(history.loss) == 2 and history.checkpoints == [{"step": 1, "x": 1}, {"step": 2, "x": 2}]
 
 
@@ -90,6 +71,12 @@ def test_bad_config_is_rejected():
         TrainConfig(method="smf_magic")
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="lion")
+
+
+def test_trainer_hooks_are_removed_after_training(tiny):
+    trained, _ = _trained(tiny, method="smf_kl", steps=1, batch_size=4)
+    assert not trained._forward_pre_hooks and not any(m._forward_hooks for m in memory_layers(trained))
+    copy.deepcopy(trained)  # nothing left that refers to the optimizer
 
 
 def test_sparse_method_needs_background(tiny):

@@ -94,7 +94,8 @@ def test_typed_text(inspector):
 
 def test_fact_readers_match_the_facts_sentences(inspector):
     fact = inspector.facts[0]
-    for layer, slots_read in direct_reads(inspector, fact.probe, len(inspector.tokenizer(fact.probe)["input_ids"]) - 1).items():
+    for layer, slots_read in direct_reads(inspector, fact.probe,
+                                          len(inspector.tokenizer(fact.probe)["input_ids"]) - 1).items():
         for slot in slots_read:
             assert fact.id in inspector.readers[layer][slot]
 

@@ -1,0 +1,71 @@
+"""Questions asked of a trained model: which parameters and value rows changed, which memory layer learned."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from .retrofit import memory_layers
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter, by name, to compare with after training (`parameter_changes`)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _parameters(before: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    return dict(before.named_parameters()) if isinstance(before, torch.nn.Module) else before
+
+
+def parameter_changes(before: torch.nn.Module | Mapping[str, torch.Tensor], model: torch.nn.Module) -> list[dict]:
+    """One row per parameter tensor of `model`: its name, size and how many of its entries differ from `before`
+    (a model of the same structure, or a `snapshot`; exact comparison, no tolerance), changed tensors first."""
+    reference = _parameters(before)
+    rows = []
+    for name, p in model.named_parameters():
+        changed = int((p.detach() != reference[name].to(p.device)).sum())
+        rows.append({"parameter": name, "entries": p.numel(), "changed": changed})
+    return sorted(rows, key=lambda r: (-r["changed"], r["parameter"]))
+
+
+def changed_rows(before: torch.nn.Module | Mapping[str, torch.Tensor],
+                 model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """Per memory layer, the indices of the value rows that differ from `before` (a model or a `snapshot`)."""
+    reference = _parameters(before)
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for m in memory_layers(model):
+        w = m.values.weight.detach()
+        old = reference[names[id(m.values.weight)]].to(w.device)
+        out[m.layer_index] = (w != old).any(dim=1).nonzero().flatten().cpu()
+    return out
+
+
+@torch.no_grad()
+def layer_attribution(model: torch.nn.Module, untrained: torch.nn.Module,
+                      score: Callable[[torch.nn.Module], dict]) -> dict[int, dict]:
+    """`score(model)` with one memory layer's trained values at a time, the others reset to `untrained`'s.
+
+    Tells which layer does the learning and which the forgetting: `{layer index: score}`. `model` must be a
+    sparse-trained copy of `untrained` (same memory layers); it is left as it was.
+
+    Example:
+        >>> layer_attribution(run.model, setup.model, lambda m: evaluate(setup, m, full=False))
+    """
+    reset = {m.layer_index: m.values.weight for m in memory_layers(untrained)}
+    layers = memory_layers(model)
+    if sorted(reset) != sorted(m.layer_index for m in layers):
+        raise ValueError(f"`model` has memory in layers {[m.layer_index for m in layers]}, `untrained` in "
+                         f"{sorted(reset)}: pass a copy of the untrained model trained with a sparse method.")
+    trained = {m.layer_index: m.values.weight.detach().clone() for m in layers}
+    result = {}
+    try:
+        for kept in trained:
+            for m in layers:
+                m.values.weight.copy_(trained[m.layer_index] if m.layer_index == kept else reset[m.layer_index])
+            result[kept] = score(model)
+    finally:
+        for m in layers:
+            m.values.weight.copy_(trained[m.layer_index])
+    return result

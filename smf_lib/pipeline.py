@@ -1,0 +1,30 @@
+"""From a base model to one ready for sparse training: retrofit, calibrate the queries, count background slot use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .calibration import calibrate_queries
+from .retrofit import MemoryConfig, retrofit
+from .stats import SlotStats, collect_background, layer_inputs
+
+
+def prepare_memory(model: torch.nn.Module, tokenizer, texts: Sequence[str], config: MemoryConfig | None = None,
+                   progress: bool = True) -> SlotStats:
+    """Retrofit `model` in place, calibrate its queries on `texts` and return the background slot statistics.
+
+    The fresh memory adds nothing (its values are zero), so its layers' inputs do not depend on its queries: one
+    pass over `texts` serves both the calibration and the statistics. `config.seed` seeds the keys and queries.
+
+    Example:
+        >>> model, tokenizer = load_base_model("smollm2-135m")
+        >>> background = prepare_memory(model, tokenizer, load_background()[:300])
+        >>> model, history = train(model, tokenizer, facts, TrainConfig(), background=background)
+    """
+    config = config or MemoryConfig()
+    retrofit(model, config)
+    inputs = layer_inputs(model, tokenizer, texts, progress=progress)
+    calibrate_queries(model, tokenizer, texts, seed=config.seed, inputs=inputs)
+    return collect_background(model, tokenizer, texts, inputs=inputs)

@@ -1,0 +1,80 @@
+"""Sparse memory finetuning in someone else's training loop: Hugging Face `Trainer` with a SparseMemoryOptimizer."""
+
+import copy
+
+import pytest
+import torch
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+from smf_lib.data import load_facts
+from smf_lib.optim import SparseMemoryOptimizer
+from smf_lib.retrofit import memory_layers
+
+
+def _trainer(model, tokenizer, optimizer, out, **args) -> Trainer:
+    sentences = [s for f in load_facts(limit=4) for s in f.train]
+    settings = dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, lr_scheduler_type="constant",
+                    report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+                    seed=0) | args
+    return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=[tokenizer(s) for s in sentences],
+                   data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                   optimizers=(optimizer, None))
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_trainer_moves_only_the_selected_rows(tiny_ready, tmp_path, checked_steps, accumulation):
+    base, tokenizer, background = tiny_ready
+    model = copy.deepcopy(base)
+    optimizer = SparseMemoryOptimizer(model, background, lr=0.5, top_t=8)
+    result = _trainer(model, tokenizer, optimizer, tmp_path, gradient_accumulation_steps=accumulation).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert len(checked_steps) == 3 and all(len(rows) for step in checked_steps for rows in step)
+    old = dict(base.named_parameters())
+    for name, p in model.named_parameters():
+        if not name.endswith("values.weight"):
+            assert torch.equal(p, old[name]), name
+    for before, after, *rows in zip(memory_layers(base), memory_layers(model), *checked_steps):
+        selected = torch.cat(rows)
+        assert not torch.equal(after.values.weight[selected], before.values.weight[selected])
+    optimizer.detach()
+    assert not model._forward_pre_hooks
+
+
+def test_slots_are_counted_where_labels_train(tiny_ready):
+    base, tokenizer, background = tiny_ready
+    model = copy.deepcopy(base)
+    optimizer = SparseMemoryOptimizer(model, background)
+    batch = tokenizer(["The capital of Zorvania is Quellport."], return_tensors="pt")
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, -2:] = batch["input_ids"][0, -2:]  # only the last two tokens are trained on
+    model(**batch, labels=labels)
+    counted = sum(float(c.sum()) for c in optimizer.counts.values())
+    heads = memory_layers(model)[0].heads
+    assert counted == pytest.approx(2 * heads * len(optimizer.layers))  # two predicting positions, weights sum to 1
+    with torch.no_grad():
+        model(**batch)  # evaluation is not counted
+    assert sum(float(c.sum()) for c in optimizer.counts.values()) == pytest.approx(counted)
+    optimizer.detach()
+
+
+def test_step_without_a_forward_is_a_clear_error(tiny_ready):
+    base, _, background = tiny_ready
+    optimizer = SparseMemoryOptimizer(copy.deepcopy(base), background)
+    with pytest.raises(RuntimeError, match="no forward pass since the last step"):
+        optimizer.step()
+    optimizer.detach()
+
+
+def test_state_dict_round_trip_keeps_the_row_moments(tiny_ready, tmp_path):
+    base, tokenizer, background = tiny_ready
+    model = copy.deepcopy(base)
+    optimizer = SparseMemoryOptimizer(model, background, lr=0.5, top_t=8)
+    _trainer(model, tokenizer, optimizer, tmp_path).train()
+    saved = copy.deepcopy(optimizer.state_dict())
+    restored = SparseMemoryOptimizer(copy.deepcopy(model), background, lr=0.5, top_t=8)
+    restored.load_state_dict(saved)
+    for ours, theirs in zip(optimizer.rows_optimizer.state, restored.rows_optimizer.state):
+        assert theirs["slot_of"].dtype == torch.long and ours["m"].abs().sum() > 0
+        assert all(torch.equal(ours[k], theirs[k]) for k in ("slot_of", "m", "v", "steps"))
+    optimizer.detach()
+    restored.detach()
