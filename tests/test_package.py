@@ -77,3 +77,11 @@ def test_examples_use_public_names(name):
     example = doc.split("Example:", 1)[1] if "Example:" in doc else ""
     called = set(re.findall(r"\b([a-z_]+)\(", example)) - {"print", "len", "lambda"}
     assert called <= set(smf_lib.__all__) | {"Trainer", "evaluate"}, called - set(smf_lib.__all__)
+
+
+def test_atomic_writes_leave_a_normal_file(tmp_path):
+    from smf_lib.files import write_json
+
+    path = write_json(tmp_path / "x.json", {"a": 1})
+    assert path.read_text() == '{\n  "a": 1\n}\n' and path.stat().st_mode & 0o044  # readable by others, as usual
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
