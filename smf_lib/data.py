@@ -2,6 +2,8 @@
 
 All files are JSON Lines (one JSON object per line, blank lines skipped). A malformed line raises
 ``DataFormatError`` with the file, the 1-based line number, what is wrong and how to fix it.
+``load_facts(split="tune")`` or ``split="test"`` keeps one part of the facts, as fixed by their
+``split`` key: settings are chosen on the tune part and figures reported on the test part.
 
 Every loader also takes a ``datasets.Dataset`` (or any iterable of dicts) or, when the string is not a
 local file, a Hugging Face hub dataset id ``"owner/name"`` or ``"owner/name:split"`` (split ``train`` by
@@ -34,7 +36,11 @@ class DataFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Fact:
-    """A new fact to teach: training sentences, a probe prompt and held-out question prompts."""
+    """A new fact to teach: training sentences, a probe prompt and held-out prompts.
+
+    Optional keys of the file are kept in ``extra``; ``split``, ``neighbours`` and ``heldout_formats``
+    read the ones the evaluation uses.
+    """
 
     id: str
     answer: str
@@ -42,6 +48,21 @@ class Fact:
     probe: str
     heldout: tuple[str, ...]
     extra: dict = field(default_factory=dict)
+
+    @property
+    def split(self) -> str | None:
+        """"tune" or "test": which part of the evaluation the fact belongs to (None if not given)."""
+        return self.extra.get("split")
+
+    @property
+    def neighbours(self) -> tuple[str, ...]:
+        """Prompts of the probe's relation about other, untrained subjects: they must not get this answer."""
+        return tuple(self.extra.get("neighbours", ()))
+
+    @property
+    def heldout_formats(self) -> tuple[str, ...]:
+        """The format of each held-out prompt ("question", "qa", "statement", "fill_in"), if given."""
+        return tuple(self.extra.get("heldout_formats", ()))
 
 
 @dataclass(frozen=True)
@@ -89,7 +110,7 @@ def _text(record: dict, key: str, where: str) -> str:
 
 
 def _texts(record: dict, key: str, where: str, required: bool = True) -> tuple[str, ...]:
-    """The non-empty list of non-empty strings under ``key``, or a DataFormatError."""
+    """The list of non-empty strings under ``key`` (non-empty when required), or a DataFormatError."""
     if key not in record and not required:
         return ()
     if key not in record:
@@ -97,8 +118,8 @@ def _texts(record: dict, key: str, where: str, required: bool = True) -> tuple[s
     value = record[key]
     if (not isinstance(value, list) or (required and not value)
             or not all(isinstance(v, str) and v.strip() for v in value)):
-        raise DataFormatError(f"{where}: {key!r} must be a non-empty list of non-empty strings, "
-                              f"got {value!r}")
+        kind = "a non-empty list" if required else "a list"
+        raise DataFormatError(f"{where}: {key!r} must be {kind} of non-empty strings, got {value!r}")
     return tuple(value)
 
 
@@ -164,6 +185,15 @@ def _rows(rows: Iterable[Any], label: str) -> Iterator[tuple[str, dict[str, Any]
         yield where, {k: v for k, v in row.items() if v is not None}
 
 
+def _label(source: Source, name: str) -> str:
+    """How errors name a source: its file path, its hub dataset id, or "dataset"."""
+    if source is None:
+        return str(DATA_DIR / name)
+    if isinstance(source, (str, os.PathLike)):
+        return str(source) if isinstance(source, str) and _is_hub_id(source) else str(Path(source))
+    return "dataset"
+
+
 def _source(source: Source, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """The records of a local file, a hub dataset id, a dataset object, or the bundled file ``name``."""
     if source is None:
@@ -175,10 +205,38 @@ def _source(source: Source, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
     return _rows(source, "dataset")
 
 
-def load_facts(path: Source = None, limit: int | None = None) -> list[Fact]:
-    """Load new facts (default ``data/new_facts.jsonl``), optionally only the first ``limit``."""
+SPLITS = ("tune", "test")
+
+
+def _check_split(split: str | None) -> None:
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose 'tune', 'test' or None (all of them)")
+
+
+def _in_split(record: dict, where: str, split: str | None) -> bool:
+    """Whether a record belongs to `split` (None: every record); a bad "split" value is an error."""
+    if "split" in record and record["split"] not in SPLITS:
+        raise DataFormatError(f"{where}: 'split' must be 'tune' or 'test', got {record['split']!r}")
+    return split is None or record.get("split") == split
+
+
+def _nothing_in_split(path: Source, name: str, split: str, with_split: int) -> DataFormatError:
+    found = (f"no line has \"split\": \"{split}\"" if with_split
+             else f"no line has a \"split\" key, so split={split!r} selects nothing")
+    return DataFormatError(f"{_label(path, name)}: {found}; add \"split\": \"tune\" or \"test\" to the lines, "
+                           "or load with split=None for all of them")
+
+
+def load_facts(path: Source = None, limit: int | None = None, split: str | None = None) -> list[Fact]:
+    """Load new facts (default ``data/new_facts.jsonl``), optionally only the first ``limit``.
+
+    ``split`` ("tune" or "test") keeps only the facts whose ``split`` key has that value, ``limit``
+    then counting among them; None keeps every fact, with or without a ``split`` key.
+    """
+    _check_split(split)
     facts: list[Fact] = []
     seen: set[str] = set()
+    with_split = 0  # facts that have a "split" key
     for where, record in _source(path, "new_facts.jsonl"):
         if limit is not None and len(facts) >= limit:
             break
@@ -191,18 +249,36 @@ def load_facts(path: Source = None, limit: int | None = None) -> list[Fact]:
                                       f"the answer {answer!r}; every train sentence must")
         probe = _text(record, "probe", where)
         heldout = _texts(record, "heldout", where)
+        _texts(record, "neighbours", where, required=False)
+        formats = _texts(record, "heldout_formats", where, required=False)
+        if "heldout_formats" in record and len(formats) != len(heldout):
+            raise DataFormatError(f"{where}: 'heldout_formats' has {len(formats)} entries but 'heldout' has "
+                                  f"{len(heldout)}; give one format per held-out prompt")
+        with_split += "split" in record
+        if not _in_split(record, where, split):
+            continue
         known = {"id", "answer", "train", "probe", "heldout"}
         extra = {k: v for k, v in record.items() if k not in known}
         facts.append(Fact(id_, answer, train, probe, heldout, extra))
+    if split is not None and not facts and limit != 0:
+        raise _nothing_in_split(path, "new_facts.jsonl", split, with_split)
     return facts
 
 
-def load_known_facts(path: Source = None) -> list[KnownFact]:
-    """Load facts the base model may know (default ``data/known_facts.jsonl``)."""
+def load_known_facts(path: Source = None, split: str | None = None) -> list[KnownFact]:
+    """Load facts the base model may know (default ``data/known_facts.jsonl``); ``split`` as in `load_facts`."""
+    _check_split(split)
     seen: set[str] = set()
-    return [KnownFact(_unique_id(r, where, seen), _text(r, "prompt", where),
-                      _text(r, "answer", where), _texts(r, "aliases", where, required=False))
-            for where, r in _source(path, "known_facts.jsonl")]
+    known, with_split = [], 0
+    for where, r in _source(path, "known_facts.jsonl"):
+        fact = KnownFact(_unique_id(r, where, seen), _text(r, "prompt", where), _text(r, "answer", where),
+                         _texts(r, "aliases", where, required=False))
+        with_split += "split" in r
+        if _in_split(r, where, split):
+            known.append(fact)
+    if split is not None and not known:
+        raise _nothing_in_split(path, "known_facts.jsonl", split, with_split)
+    return known
 
 
 def _text_records(path: Source, name: str) -> list[dict[str, str]]:
@@ -241,9 +317,9 @@ def _as_dataset(items: Iterable[Fact | KnownFact | dict[str, Any]]) -> datasets.
     return _datasets().Dataset.from_dict({k: [row.get(k) for row in rows] for k in keys})
 
 
-def facts_dataset(path: Source = None, limit: int | None = None) -> datasets.Dataset:
+def facts_dataset(path: Source = None, limit: int | None = None, split: str | None = None) -> datasets.Dataset:
     """``load_facts`` as a Dataset with columns id, answer, train, probe, heldout and any extra keys."""
-    return _as_dataset(load_facts(path, limit))
+    return _as_dataset(load_facts(path, limit, split))
 
 
 def known_facts_dataset(path: Source = None) -> datasets.Dataset:

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,22 +28,79 @@ from smf_lib.data import (
 
 
 def question(prompt: str) -> str:
-    """The question of a "Question: ...\\nAnswer:" prompt."""
-    return prompt.removeprefix("Question: ").split("\nAnswer:")[0]
+    """The question of a "Question: ...\\nAnswer:" or "Q: ...\\nA:" prompt or trained sentence; other text as it is."""
+    for start, end in (("Question: ", "\nAnswer:"), ("Q: ", "\nA:")):
+        if prompt.startswith(start) and end in prompt:
+            return prompt[len(start):prompt.index(end)]
+    return prompt
+
+
+def runs(text: str, subject: str, n: int = 5) -> set[tuple[str, ...]]:
+    """The runs of n words of a text, with the fact's subject counted as one word."""
+    words = re.findall(r"\w+", question(text).replace(subject, " SUBJECT ").lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+FORMATS = ("question", "qa", "statement", "fill_in")
 
 
 def test_bundled_facts_meet_stated_sizes():
     facts = load_facts()
     assert len(facts) >= 200
     for fact in facts:
-        assert len(fact.train) >= 5 and len(fact.heldout) >= 2
+        assert len(fact.train) >= 5 and len(fact.heldout) == 4 and len(fact.neighbours) == 2
         assert all(fact.answer in sentence for sentence in fact.train)
         assert sum(s.startswith("Question: ") for s in fact.train) >= 2
         assert any(s.startswith(fact.probe + " " + fact.answer) for s in fact.train)
+
+
+def test_bundled_facts_split_by_relation():
+    facts = load_facts()
+    relations = {split: {f.extra["relation"] for f in facts if f.split == split} for split in ("tune", "test")}
+    assert {f.split for f in facts} == {"tune", "test"}
+    assert len(relations["tune"]) == 7 and len(relations["test"]) == 9
+    assert not relations["tune"] & relations["test"]  # whole relations, so test templates are never tuned on
+    assert sum(f.split == "tune" for f in facts) == 105 and sum(f.split == "test" for f in facts) == 135
+    # Relations stay interleaved: the first 16 facts cover all 16 relations, of both parts.
+    assert len({f.extra["relation"] for f in facts[:16]}) == 16
+
+
+def test_heldout_prompts_come_in_four_formats_never_trained():
+    for fact in load_facts():
+        assert fact.heldout_formats == FORMATS, fact.id
+        asked, qa, statement, fill_in = fact.heldout
+        assert asked.startswith("Question: ") and asked.endswith("\nAnswer:")
+        assert qa.startswith("Q: ") and qa.endswith("\nA:")
+        assert "\n" not in statement + fill_in and not statement.endswith(".") and not fill_in.endswith(".")
+        assert len(fill_in.split()) > len(statement.split()) and len(fill_in.split()) >= 12
+        assert len(set(fact.heldout)) == 4
+        subject = fact.extra["subject"]
         for prompt in fact.heldout:
-            assert prompt.startswith("Question: ") and prompt.endswith("\nAnswer:")
-            assert not any(question(prompt) in s for s in fact.train), (fact.id, prompt)
-            assert fact.answer not in prompt
+            where = (fact.id, prompt)
+            assert subject in prompt, where
+            assert not set(fact.answer.lower().split()) & set(re.findall(r"\w+", prompt.lower())), where
+            assert not any(s.startswith(prompt) for s in fact.train), where
+            assert not any(question(prompt) in question(s) for s in fact.train), where
+            assert not any(runs(prompt, subject) & runs(s, subject) for s in fact.train), where
+
+
+def test_neighbours_ask_the_probe_relation_about_fresh_subjects():
+    facts = load_facts()
+    texts = "\n".join(t for f in facts for t in (*f.train, f.probe, *f.heldout)).lower()
+    answers = [f.answer.lower() for f in facts]
+    probes = {f.probe for f in facts}
+    subjects = []
+    for fact in facts:
+        before, after = fact.probe.split(fact.extra["subject"])  # the probe's template around its subject
+        for neighbour in fact.neighbours:
+            assert neighbour.startswith(before) and neighbour.endswith(after), (fact.id, neighbour)
+            subject = neighbour[len(before):len(neighbour) - len(after)]
+            subjects.append(subject)
+            # The subject is a new name: used by no fact, with a word found nowhere in the facts.
+            assert subject.lower() not in texts and any(w.lower() not in texts for w in subject.split())
+            assert not any(a in neighbour.lower() for a in answers), (fact.id, neighbour)
+            assert neighbour not in probes
+    assert len(subjects) == 2 * len(facts) and len(set(subjects)) == len(subjects)
 
 
 def test_bundled_fact_answers_are_unique_and_not_nested():
@@ -62,6 +120,38 @@ def test_limit_keeps_the_first_facts():
     first = load_facts(limit=7)
     assert [f.id for f in first] == [f.id for f in load_facts()[:7]]
     assert isinstance(first[0], Fact) and isinstance(first[0].train, tuple)
+
+
+def test_load_facts_filters_by_split():
+    facts = load_facts()
+    tune, test = load_facts(split="tune"), load_facts(split="test")
+    assert tune == [f for f in facts if f.split == "tune"] and test == [f for f in facts if f.split == "test"]
+    assert len(test) >= 100 and len(tune) + len(test) == len(facts)
+    assert load_facts(split="test", limit=5) == test[:5]
+
+
+def test_split_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown split 'train'; choose 'tune', 'test' or None"):
+        load_facts(split="train")
+    path = write_lines(tmp_path / "facts.jsonl", json.dumps(GOOD), json.dumps({**GOOD, "id": "f2"}))
+    assert len(load_facts(path)) == 2  # no split keys: everything, when no split is asked for
+    missing = rf"^{re.escape(str(path))}: no line has a \"split\" key, so split='test' selects nothing"
+    with pytest.raises(DataFormatError, match=missing):
+        load_facts(path, split="test")
+    tuned = write_lines(tmp_path / "tuned.jsonl", json.dumps({**GOOD, "split": "tune"}))
+    assert [f.split for f in load_facts(tuned, split="tune")] == ["tune"]
+    with pytest.raises(DataFormatError, match=rf"^{re.escape(str(tuned))}: no line has \"split\": \"test\""):
+        load_facts(tuned, split="test")
+    with pytest.raises(DataFormatError, match=r"^dataset: no line has a \"split\" key"):
+        load_facts([GOOD], split="tune")
+
+
+def test_fact_properties_read_extra_keys():
+    (plain,) = load_facts([GOOD])
+    assert plain.split is None and plain.neighbours == () and plain.heldout_formats == ()
+    fact = load_facts(limit=1)[0]
+    assert fact.split == fact.extra["split"] and fact.neighbours == tuple(fact.extra["neighbours"])
+    assert fact.heldout_formats == FORMATS
 
 
 def test_fact_generator_is_deterministic(tmp_path):
@@ -129,6 +219,12 @@ def write_lines(path, *lines):
     (json.dumps({**GOOD, "heldout": ["ok", 3]}), "'heldout' must be a non-empty list"),
     (json.dumps({**GOOD, "train": ["Zorvania has a capital."]}), "does not contain the answer"),
     (json.dumps({**GOOD, "id": "f0"}), "duplicate id 'f0'"),
+    (json.dumps({**GOOD, "neighbours": "The capital of Brennova is"}), "'neighbours' must be a list of non-empty"),
+    (json.dumps({**GOOD, "neighbours": ["The capital of Brennova is", ""]}), "'neighbours' must be a list"),
+    (json.dumps({**GOOD, "heldout_formats": ["question", "qa"]}),
+     "'heldout_formats' has 2 entries but 'heldout' has 1"),
+    (json.dumps({**GOOD, "heldout_formats": "question"}), "'heldout_formats' must be a list"),
+    (json.dumps({**GOOD, "split": "train"}), "'split' must be 'tune' or 'test', got 'train'"),
 ])
 def test_malformed_fact_lines_name_file_and_line(tmp_path, bad_line, message):
     path = write_lines(tmp_path / "facts.jsonl", json.dumps({**GOOD, "id": "f0"}), "", bad_line)
@@ -170,13 +266,15 @@ needs_datasets = pytest.mark.skipif(importlib.util.find_spec("datasets") is None
 @needs_datasets
 def test_bundled_sets_load_as_datasets():
     facts, known = facts_dataset(), known_facts_dataset()
-    assert facts.column_names == ["id", "answer", "train", "probe", "heldout", "relation", "subject"]
+    assert facts.column_names == ["id", "answer", "train", "probe", "heldout", "split", "heldout_formats",
+                                  "neighbours", "relation", "subject"]
     assert known.column_names == ["id", "prompt", "answer", "aliases"]
     assert list(facts) == [{"id": f.id, "answer": f.answer, "train": list(f.train), "probe": f.probe,
                             "heldout": list(f.heldout), **f.extra} for f in load_facts()]
     assert [(r["id"], r["prompt"], r["answer"], tuple(r["aliases"])) for r in known] == [
         (k.id, k.prompt, k.answer, k.aliases) for k in load_known_facts()]
     assert facts_dataset(limit=3)["id"] == [f.id for f in load_facts(limit=3)]
+    assert facts_dataset(split="tune", limit=3)["id"] == [f.id for f in load_facts(split="tune", limit=3)]
     assert texts_dataset("heldout_text")["text"] == load_heldout_text()
     assert texts_dataset("background").column_names == ["id", "text"]
     assert texts_dataset("background")["text"] == load_background()
