@@ -1,4 +1,5 @@
-"""Command line: `python -m smf_lib run` (the comparison) and `python -m smf_lib bench` (performance)."""
+"""Command line: `run` (the comparison on the test facts), `tune` (settings chosen on the tune facts) and `bench`
+(performance) of `python -m smf_lib`."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import argparse
 import ctypes
 import sys
 
+from .experiment import DEFAULT_METHODS
 from .models import ModelNotAvailableError
 from .profiles import PROFILES, default_profile
+from .training import METHODS
 
 
 def keep_freed_memory() -> bool:
@@ -27,18 +30,42 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
+                                         f"{', '.join(METHODS)}")
+    return methods
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m smf_lib", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="retrofit, train every method on new facts, compare learning and forgetting")
-    run.add_argument("--profile", choices=list(PROFILES), default=None, help="default: gpu with CUDA, else cpu")
-    run.add_argument("--methods", default="smf_kl,smf_tfidf,full_ft,lora",
-                     help="comma-separated: smf_kl, smf_tfidf, smf_random, full_ft, lora")
-    run.add_argument("--facts", default=None, help="a JSON Lines file of your own facts (see README)")
-    run.add_argument("--out", default=None, help="output folder (default results/<profile>/)")
-    run.add_argument("--seed", type=int, default=0)
+    run = commands.add_parser("run", help="train every method on the test facts, compare learning and forgetting")
+    tune = commands.add_parser("tune", help="choose each method's learning rate on the tune facts")
     bench = commands.add_parser("bench", help="measure the retrofit's and the sparse trainer's cost")
-    bench.add_argument("--profile", choices=list(PROFILES), default=None)
+    for command in (run, tune, bench):
+        command.add_argument("--profile", choices=list(PROFILES), default=None,
+                             help="default: gpu with CUDA, else cpu")
+    for command in (run, tune):
+        command.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS),
+                             help="comma-separated: smf_kl, smf_tfidf, smf_random, full_ft, lora")
+    run.add_argument("--facts", default=None,
+                     help="your own facts: a JSON Lines file (see README) or a hub dataset id")
+    run.add_argument("--out", default=None, help="output folder (default results/<profile>/)")
+    seeds = run.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
+    seeds.add_argument("--seeds", type=_seeds, default=None, help="several seeds, e.g. 0,1,2: mean and spread")
+    run.add_argument("--tuned", default=None, help="tuned settings (default data/tuned-<profile>.json)")
+    tune.add_argument("--out", default=None, help="output file (default data/tuned-<profile>.json)")
     bench.add_argument("--out", default=None, help="output file (default results/bench-<profile>.json)")
     return parser
 
@@ -51,12 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             from .experiment import run_experiment
+            from .profiles import get_profile
             from .report import format_report
+            from .tuning import tuned_settings
 
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            summary = run_experiment(profile, methods, args.facts, args.out, args.seed)
+            hypers, source = tuned_settings(get_profile(profile), args.methods, args.tuned)
+            seeds = args.seeds or [args.seed or 0]
+            summary = run_experiment(profile, hypers, args.facts, args.out, seeds, source)
             print(format_report(summary))
             print(f"Results written to {args.out or f'results/{profile}/'}")
+        elif args.command == "tune":
+            from .profiles import get_profile
+            from .report import format_tuning
+            from .tuning import tune as tune_methods
+            from .tuning import tuned_path
+
+            result = tune_methods(profile, args.methods, args.out)
+            print(format_tuning(result))
+            print(f"Tuned settings written to {args.out or tuned_path(get_profile(profile))}")
         else:
             from .bench import format_table, run_bench
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -105,16 +106,57 @@ def _answered(completions: Sequence[str], known: Sequence[KnownFact]) -> list[bo
     return [contains_answer(c, k.answers()) for c, k in zip(completions, known)]
 
 
+@dataclass
+class TextScores:
+    """Held-out text, scored per text: summed next-token loss, token count and, against a reference model, summed
+    KL divergence KL(p_reference || p_model) over the same tokens."""
+
+    nll: torch.Tensor
+    tokens: torch.Tensor
+    kl: torch.Tensor | None = None
+
+    @property
+    def perplexity(self) -> float:
+        """Token-level perplexity over all texts."""
+        return math.exp(float(self.nll.sum() / self.tokens.sum().clamp_min(1)))
+
+    @property
+    def kl_per_token(self) -> float:
+        """Mean per-token KL divergence from the reference model's next-token distribution."""
+        return float(self.kl.sum() / self.tokens.sum().clamp_min(1)) if self.kl is not None else float("nan")
+
+
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 256) -> float:
-    """Token-level perplexity of `texts` (each scored on its own, truncated to `max_length` tokens)."""
+def score_texts(model, tokenizer, texts: Sequence[str], reference=None, batch_size: int = 8,
+                max_length: int = 256) -> TextScores:
+    """Score each text on its own (truncated to `max_length` tokens): loss per text, and KL to `reference`."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    nll, tokens, kl = [], [], []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                           truncation=True, max_length=max_length).to(device)
-        losses = next_token_losses(model(**batch).logits.float(), batch["input_ids"])[:, :-1]
-        mask = batch["attention_mask"][:, 1:].bool()
-        total += losses[mask].sum().item()
-        count += int(mask.sum())
-    return math.exp(total / max(count, 1))
+        mask = batch["attention_mask"][:, 1:].float()
+        logits = model(**batch).logits.float()
+        nll.append((next_token_losses(logits, batch["input_ids"])[:, :-1] * mask).sum(1).cpu())
+        tokens.append(mask.sum(1).cpu())
+        if reference is not None:
+            log_p = torch.log_softmax(logits[:, :-1], dim=-1)
+            log_ref = torch.log_softmax(reference(**batch).logits[:, :-1].float(), dim=-1)
+            per_token = (log_ref.exp() * (log_ref - log_p)).sum(-1)
+            kl.append((per_token * mask).sum(1).cpu())
+    return TextScores(torch.cat(nll).double(), torch.cat(tokens).double(),
+                      torch.cat(kl).double() if kl else None)
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 256) -> float:
+    """Token-level perplexity of `texts` (each scored on its own, truncated to `max_length` tokens)."""
+    return score_texts(model, tokenizer, texts, batch_size=batch_size, max_length=max_length).perplexity
+
+
+def bootstrap_interval(statistic: Callable[[torch.Tensor], float], n: int, samples: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic(indices)` over `n` items resampled with replacement."""
+    generator = torch.Generator().manual_seed(seed)
+    values = sorted(statistic(torch.randint(n, (n,), generator=generator)) for _ in range(samples))
+    tail = (1 - level) / 2
+    return values[int(tail * (samples - 1))], values[int((1 - tail) * (samples - 1))]

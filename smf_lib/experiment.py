@@ -1,110 +1,173 @@
-"""The end-to-end comparison behind `python -m smf_lib run`: learning vs forgetting, side by side."""
+"""The end-to-end comparison behind `python -m smf_lib run`: learning vs forgetting, side by side, at matched
+learning, on the test split (DESIGN.md §8)."""
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .analysis import parameter_changes
-from .data import (
-    Fact,
-    KnownFact,
-    load_background,
-    load_facts,
-    load_heldout_text,
-    load_known_facts,
-)
-from .evaluation import (
-    fact_recall,
-    known_correct,
-    paraphrase_recall,
-    perplexity,
-    recall_and_known,
-)
+from .data import Fact, KnownFact, load_background, load_facts, load_heldout_text, load_known_facts
+from .evaluation import TextScores, bootstrap_interval, complete, contains_answer, score_texts
 from .models import default_device, load_base_model
 from .pipeline import prepare_memory
 from .profiles import Profile, get_profile
 from .retrofit import MemoryConfig, memory_layers
 from .stats import SlotStats
-from .timing import peak_memory_mb
-from .training import DEFAULT_LR, METHODS, train
+from .timing import peak_memory_mb, reset_peak_memory
+from .training import METHODS, train
 
 DEFAULT_METHODS = ("smf_kl", "smf_tfidf", "full_ft", "lora")
+MATCHED_KEYS = ("paraphrase_recall", "ppl_increase_pct", "known_fact_drop_pct")
 
 
 @dataclass
 class Setup:
-    """The shared starting point: the retrofitted model, its data and baseline scores."""
+    """The shared starting point: the retrofitted model, one split's facts and known facts, and its own scores."""
 
     profile: Profile
+    split: str
     model: torch.nn.Module
     tokenizer: object
     facts: list[Fact]
-    known: list[KnownFact]
+    known: list[KnownFact]  # the split's known facts that the retrofitted model answers: the ones it can forget
     heldout: list[str]
     background: SlotStats
     base: dict
+    base_texts: TextScores
     retrofit_info: dict
 
 
-def prepare(profile: str | Profile | None = None, facts_path: str | Path | None = None, seed: int = 0,
-            memory: MemoryConfig | None = None, progress: bool = True) -> Setup:
-    """Load the profile's model, score the base model, then retrofit it, calibrate it and count background slot use.
+def split_facts(profile: Profile, split: str, facts_path: str | Path | None = None) -> list[Fact]:
+    """The facts a split trains on: a user's file (all test), else the bundled split cut to the profile's size."""
+    if facts_path is not None:
+        if split != "test":
+            raise ValueError("A facts file is all test facts: tune on the bundled tune split instead.")
+        return load_facts(facts_path)
+    limit = profile.run.n_facts if split == "test" else profile.run.tune_facts
+    return load_facts(split=split)[:limit]
 
-    `memory` replaces the profile's memory configuration (its seed is set to `seed`).
+
+def prepare(profile: str | Profile | None = None, split: str = "test", facts_path: str | Path | None = None,
+            seed: int = 0, memory: MemoryConfig | None = None, progress: bool = True) -> Setup:
+    """Retrofit the profile's model, calibrate it, count background slot use, and score it on one split.
+
+    `memory` replaces the profile's memory configuration (its seed is set to `seed`). The scores at step 0 are
+    measured on the retrofitted model, whose function is the base model's.
     """
     profile = get_profile(profile)
-    sizes = profile.run
     model, tokenizer = load_base_model(profile.model, seed=seed)
     model.to(default_device())
-    facts = load_facts(facts_path, limit=None if facts_path else sizes.n_facts)
-    heldout = load_heldout_text()[: sizes.n_heldout]
-    known_all = load_known_facts()
-    # Only the known facts this base model answers correctly can be forgotten.
-    known = [k for k, ok in zip(known_all, known_correct(model, tokenizer, known_all)) if ok]
+    probe = tokenizer(load_heldout_text()[:4], return_tensors="pt", padding=True).to(model.device)
     with torch.no_grad():
-        batch = tokenizer(load_heldout_text()[:4], return_tensors="pt", padding=True).to(model.device)
-        base_logits = model(**batch).logits
-    base = {"heldout_ppl": perplexity(model, tokenizer, heldout), "known_fact_acc": 1.0 if known else 0.0,
-            "fact_recall": fact_recall(model, tokenizer, facts),
-            "paraphrase_recall": paraphrase_recall(model, tokenizer, facts),
-            "known_facts_total": len(known_all), "known_facts_kept_by_base": len(known)}
+        base_logits = model(**probe).logits
     config = replace(memory or profile.memory, seed=seed)
-    background = prepare_memory(model, tokenizer, load_background()[: sizes.n_background], config, progress)
+    background = prepare_memory(model, tokenizer, load_background()[: profile.run.n_background], config, progress)
     with torch.no_grad():
-        diff = (model(**batch).logits - base_logits).abs().max().item()
+        diff = (model(**probe).logits - base_logits).abs().max().item()
     layers = memory_layers(model)
     retrofit_info = {"mode": config.mode, "layers": [m.layer_index for m in layers],
-                     "slots_per_layer": layers[0].n_slots,
-                     "memory_params": sum(p.numel() for m in layers for p in m.parameters()),
-                     "max_abs_logit_diff": diff}
-    return Setup(profile, model, tokenizer, facts, known, heldout, background, base, retrofit_info)
+                     "slots_per_layer": layers[0].n_slots, "max_abs_logit_diff": diff,
+                     "memory_params": sum(p.numel() for m in layers for p in m.parameters())}
+    facts, known_all = split_facts(profile, split, facts_path), load_known_facts(split=split)
+    heldout = load_heldout_text()[: profile.run.n_heldout]
+    setup = Setup(profile, split, model, tokenizer, facts, known_all, heldout, background, {}, None, retrofit_info)
+    step0, known_ok, setup.base_texts = _scores(setup, model, full=True)
+    setup.known = [k for k, ok in zip(known_all, known_ok) if ok]
+    setup.base = {**step0, "heldout_ppl": setup.base_texts.perplexity, "known_fact_acc": sum(known_ok) / len(known_ok),
+                  "known_facts_total": len(known_all), "known_facts_kept_by_base": len(setup.known)}
+    return setup
+
+
+def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, list[bool], TextScores]:
+    """One generation over probes, held-out prompts, neighbours and known facts, and one pass over held-out text.
+
+    At checkpoints (`full=False`) each fact contributes one held-out prompt, its formats taken in turn across facts
+    (a stratified quarter of them, so a checkpoint costs less), and neither neighbours nor the KL are measured.
+    """
+    facts, tok = setup.facts, setup.tokenizer
+    heldout = [(q, f.answer) for i, f in enumerate(facts)
+               for j, q in enumerate(f.heldout) if full or j == i % len(f.heldout)]
+    neighbours = [n for f in facts for n in f.neighbours] if full else []
+    prompts = [f.probe for f in facts] + [q for q, _ in heldout] + neighbours + [k.prompt for k in setup.known]
+    done = complete(model, tok, prompts)
+    probes, done = done[: len(facts)], done[len(facts):]
+    questions, unchanged = done[: len(heldout)], done[len(heldout):]  # neighbours, then known facts
+    known_ok = [contains_answer(c, k.answers()) for c, k in zip(unchanged[len(neighbours):], setup.known)]
+    trained = [f.answer for f in facts]
+    scores = {"fact_recall": _share(contains_answer(c, [f.answer]) for c, f in zip(probes, facts)),
+              "paraphrase_recall": _share(contains_answer(c, [a]) for c, (_, a) in zip(questions, heldout))}
+    if full:  # neither a neighbour nor a known-fact prompt may now give a trained answer
+        scores["answer_bleed_pct"] = 100 * _share(contains_answer(c, trained) for c in unchanged)
+        scores["paraphrase_by_format"] = _by_format(facts, questions)
+    reference = setup.model if full and model is not setup.model else None
+    return scores, known_ok, score_texts(model, tok, setup.heldout, reference=reference)
+
+
+def _by_format(facts: Sequence[Fact], completions: Sequence[str]) -> dict[str, float]:
+    """Held-out recall per prompt format (facts without formats count as "question")."""
+    hits: dict[str, list[bool]] = {}
+    answers = [(fmt, f.answer) for f in facts
+               for fmt in (f.heldout_formats or ("question",) * len(f.heldout))]
+    for (fmt, answer), completion in zip(answers, completions):
+        hits.setdefault(fmt, []).append(contains_answer(completion, [answer]))
+    return {fmt: _share(h) for fmt, h in hits.items()}
+
+
+def _share(hits) -> float:
+    hits = list(hits)
+    return sum(hits) / len(hits) if hits else 0.0
 
 
 def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
-    """Learning and forgetting of `model` against the setup's base scores (`full=False`: skip paraphrases)."""
-    ppl = perplexity(model, setup.tokenizer, setup.heldout)
-    recall, known_ok = recall_and_known(model, setup.tokenizer, setup.facts, setup.known)
-    known_acc = sum(known_ok) / max(len(setup.known), 1)
-    result = {"fact_recall": recall, "heldout_ppl": ppl,
-              "ppl_increase_pct": 100 * (ppl / setup.base["heldout_ppl"] - 1), "known_fact_acc": known_acc,
-              "known_fact_drop_pct": 100 * (1 - known_acc) if setup.known else 0.0}
+    """Learning and forgetting of `model` against the setup's step-0 scores; `full` adds the KL to the base model
+    and bootstrap 95% intervals (over held-out texts and over known facts) of the perplexity change and the drop."""
+    scores, known_ok, texts = _scores(setup, model, full)
+    base = setup.base_texts
+    kept = torch.tensor(known_ok, dtype=torch.float64) if known_ok else torch.ones(1, dtype=torch.float64)
+
+    def ppl_change(i: torch.Tensor | slice = slice(None)) -> float:
+        return 100 * (float(torch.exp(texts.nll[i].sum() / texts.tokens[i].sum()
+                                      - base.nll[i].sum() / base.tokens[i].sum())) - 1)
+
+    result = {**scores, "heldout_ppl": texts.perplexity, "ppl_increase_pct": ppl_change(),
+              "known_fact_acc": float(kept.mean()), "known_fact_drop_pct": 100 * (1 - float(kept.mean()))}
     if full:
-        result["paraphrase_recall"] = paraphrase_recall(model, setup.tokenizer, setup.facts)
+        result["kl_to_base"] = texts.kl_per_token
+        result["ppl_increase_ci95"] = bootstrap_interval(ppl_change, len(texts.nll))
+        result["known_fact_drop_ci95"] = bootstrap_interval(lambda i: 100 * (1 - float(kept[i].mean())), len(kept))
     return result
+
+
+def step_zero(setup: Setup) -> dict:
+    """The checkpoint before training: the retrofitted model's own scores."""
+    return {"step": 0, **{k: setup.base[k] for k in ("fact_recall", "paraphrase_recall")},
+            "heldout_ppl": setup.base["heldout_ppl"], "ppl_increase_pct": 0.0, "known_fact_acc": 1.0,
+            "known_fact_drop_pct": 0.0}
+
+
+def at_matched_recall(checkpoints: Sequence[dict], target: float) -> dict | None:
+    """Each figure linearly interpolated in fact recall at `target`, between the last checkpoint below it and the
+    first at or above it (step 0 included); None when no checkpoint reached it."""
+    for before, after in zip(checkpoints, checkpoints[1:]):
+        if after["fact_recall"] >= target > before["fact_recall"]:
+            w = (target - before["fact_recall"]) / (after["fact_recall"] - before["fact_recall"])
+            return {"recall": target, "step": before["step"] + w * (after["step"] - before["step"]),
+                    **{k: before[k] + w * (after[k] - before[k]) for k in MATCHED_KEYS}}
+    return None
 
 
 @dataclass
 class MethodRun:
-    """One method trained to matched learning: its model, checkpoints and cost."""
+    """One method trained to matched learning: its model, checkpoints (step 0 first) and cost."""
 
     method: str
-    lr: float
+    hyper: dict
     model: torch.nn.Module
     checkpoints: list[dict]
     steps: int
@@ -112,113 +175,124 @@ class MethodRun:
     params_trained: int
 
 
-def train_method(setup: Setup, method: str, lr: float, facts: Sequence[Fact] | None = None,
-                 max_steps: int | None = None, eval_every: int | None = None, target: float | None = None,
-                 seed: int = 0, progress: bool = True) -> MethodRun:
-    """Train a copy of the setup's model until fact recall reaches `target` or `max_steps` run out.
+def train_method(setup: Setup, method: str, hyper: dict, max_steps: int | None = None,
+                 eval_every: int | None = None, target: float | None = None, seed: int = 0,
+                 progress: bool = True) -> MethodRun:
+    """Train a copy of the setup's model with `hyper` (TrainConfig fields, e.g. lr, loss_on) until fact recall
+    reaches `target` or `max_steps` run out.
 
-    Learning and forgetting are measured every `eval_every` steps (the Pareto curve); evaluation time is
-    not counted in `train_seconds`.
+    Learning and forgetting are measured every `eval_every` steps, twice as often once recall is within 0.3 of
+    the target, so that the figures at matched recall are interpolated between close checkpoints. Evaluation
+    time is not counted in `train_seconds`.
     """
     sizes = setup.profile.run
-    sub = replace(setup, facts=list(facts if facts is not None else setup.facts))
     max_steps, eval_every = max_steps or sizes.max_steps, eval_every or sizes.eval_every
     target = sizes.target_recall if target is None else target
-    eval_seconds = 0.0
+    eval_seconds, next_eval = 0.0, eval_every
 
     def checkpoint(step: int, model: torch.nn.Module) -> dict | None:
-        nonlocal eval_seconds
-        if step % eval_every and step != max_steps:
+        nonlocal eval_seconds, next_eval
+        if step < next_eval and step != max_steps:
             return None
         start = time.perf_counter()
-        scores = evaluate(sub, model, full=False)
+        scores = evaluate(setup, model, full=False)
         eval_seconds += time.perf_counter() - start
+        next_eval = step + (max(eval_every // 2, 1) if scores["fact_recall"] >= target - 0.3 else eval_every)
         return {**scores, "stop": scores["fact_recall"] >= target}
 
-    config = replace(setup.profile.train, method=method, steps=max_steps, lr=lr, seed=seed)
+    config = replace(setup.profile.train, method=method, steps=max_steps, seed=seed, **hyper)
     start = time.perf_counter()
-    model, history = train(copy.deepcopy(setup.model), setup.tokenizer, sub.facts, config,
+    model, history = train(copy.deepcopy(setup.model), setup.tokenizer, setup.facts, config,
                            background=setup.background, callback=checkpoint, progress=progress)
     seconds = time.perf_counter() - start - eval_seconds
-    return MethodRun(method, lr, model, history.checkpoints, len(history.loss), seconds, history.params_trained)
-
-
-def sweep_lr(setup: Setup, method: str, seed: int = 0, progress: bool = True) -> tuple[float, list[dict]]:
-    """Pick a method's learning rate on a few facts: the best recall, then the least perplexity increase."""
-    sizes = setup.profile.run
-    grid = sizes.lr_grid.get(method, (DEFAULT_LR[method],))  # one candidate: no sweep
-    if len(grid) == 1:
-        return grid[0], []
-    rows = []
-    for lr in grid:
-        run = train_method(setup, method, lr, facts=setup.facts[: sizes.sweep_facts], max_steps=sizes.sweep_steps,
-                           eval_every=sizes.sweep_steps, target=1.01, seed=seed, progress=progress)
-        last = run.checkpoints[-1]
-        rows.append({"lr": lr, **{k: last[k] for k in ("fact_recall", "ppl_increase_pct", "known_fact_drop_pct")}})
-        del run
-    best = max(rows, key=lambda r: (round(r["fact_recall"], 2), -r["ppl_increase_pct"]))
-    return best["lr"], rows
+    return MethodRun(method, dict(hyper), model, [step_zero(setup), *history.checkpoints], len(history.loss),
+                     seconds, history.params_trained)
 
 
 def method_summary(setup: Setup, run: MethodRun) -> dict:
-    """The `summary["methods"]` entry of a run trained on `setup.facts`: final learning and forgetting, cost."""
-    last = run.checkpoints[-1] if run.checkpoints else {}
-    if last.get("step") == run.steps:  # the last checkpoint already scored the final model: add paraphrases only
-        final = {**last, "paraphrase_recall": paraphrase_recall(run.model, setup.tokenizer, setup.facts)}
-    else:
-        final = evaluate(setup, run.model)
-    keys = ("fact_recall", "paraphrase_recall", "heldout_ppl", "ppl_increase_pct", "known_fact_acc",
-            "known_fact_drop_pct")
-    return {**{k: final[k] for k in keys}, "params_trained": run.params_trained,
+    """The `summary["methods"]` entry of a run: final learning and forgetting, at matched recall, and cost."""
+    final = evaluate(setup, run.model)
+    target = setup.profile.run.target_recall
+    return {**final, "lr": run.hyper["lr"], "hyper": run.hyper,
+            "at_matched_recall": at_matched_recall(run.checkpoints, target), "target_reached":
+            any(c["fact_recall"] >= target for c in run.checkpoints),
+            "params_trained": run.params_trained,
             "params_changed": sum(r["changed"] for r in parameter_changes(setup.model, run.model)),
-            "steps": run.steps, "train_seconds": run.train_seconds, "peak_rss_mb": peak_memory_mb(), "lr": run.lr}
+            "steps": run.steps, "train_seconds": run.train_seconds}
 
 
-def new_summary(setup: Setup, seed: int = 0, target: float | None = None) -> dict:
+def new_summary(setup: Setup, seed: int = 0) -> dict:
     """The summary of a run on `setup` before any method is added (the result-file contract's top level)."""
-    return {"profile": setup.profile.name, "model": setup.profile.model, "seed": seed, "n_facts": len(setup.facts),
-            "retrofit": setup.retrofit_info, "base": setup.base, "methods": {}, "sweeps": {}, "checkpoints": {},
-            "target_recall": setup.profile.run.target_recall if target is None else target}
+    return {"profile": setup.profile.name, "model": setup.profile.model, "seed": seed, "seeds": [seed],
+            "n_facts": len(setup.facts), "split": {"test_fact_ids": [f.id for f in setup.facts],
+                                                   "test_known": len(setup.known)},
+            "retrofit": setup.retrofit_info, "base": setup.base, "methods": {}, "checkpoints": {},
+            "target_recall": setup.profile.run.target_recall}
 
 
-def add_method(summary: dict, setup: Setup, run: MethodRun, sweep: list[dict] | None = None) -> None:
-    """Score a trained method on the setup's facts and put it into `summary`."""
-    summary["methods"][run.method] = method_summary(setup, run)
-    summary["checkpoints"][run.method] = run.checkpoints
-    summary["sweeps"][run.method] = sweep or []
+def run_method(summary: dict, setup: Setup, method: str, hyper: dict, seed: int, progress: bool = True) -> None:
+    """Train one method, score it and put it into `summary`, with its own peak memory."""
+    reset_peak_memory(default_device())
+    run = train_method(setup, method, hyper, seed=seed, progress=progress)
+    summary["methods"][method] = {**method_summary(setup, run), "peak_rss_mb": peak_memory_mb(default_device())}
+    summary["checkpoints"][method] = run.checkpoints
 
 
-def compare_methods(setup: Setup, methods: Sequence[str], lrs: Mapping[str, float], max_steps: int, eval_every: int,
-                    target: float, seed: int = 0, progress: bool = True) -> dict:
-    """Train each method on `setup.facts` at the given learning rate until recall reaches `target` or `max_steps`
-    run out, and return a `run_experiment`-shaped summary: a smaller, sweep-free comparison for notebooks."""
-    summary = new_summary(setup, seed, target)
-    for method in methods:
-        run = train_method(setup, method, lrs[method], max_steps=max_steps, eval_every=eval_every, target=target,
-                           seed=seed, progress=progress)
-        add_method(summary, setup, run)
-        del run  # each trained copy is freed before the next one is made
+def compare_methods(setup: Setup, hypers: dict[str, dict], seed: int = 0, progress: bool = True) -> dict:
+    """Train each method of `hypers` (method -> TrainConfig fields) on `setup` and return a run-shaped summary."""
+    summary = new_summary(setup, seed)
+    for method, hyper in hypers.items():
+        run_method(summary, setup, method, hyper, seed, progress)
     return summary
 
 
-def run_experiment(profile: str | Profile | None = None, methods: Sequence[str] = DEFAULT_METHODS,
-                   facts_path: str | Path | None = None, out: str | Path | None = None, seed: int = 0,
+def run_experiment(profile: str | Profile | None, hypers: dict[str, dict], facts_path: str | Path | None = None,
+                   out: str | Path | None = None, seeds: Sequence[int] = (0,), source: str = "given",
                    progress: bool = True) -> dict:
-    """Retrofit, collect statistics, train every method to matched learning, evaluate, write the results."""
+    """Train every method of `hypers` (method -> TrainConfig fields, e.g. from `tuning.tuned_settings`) on the test
+    facts, once per seed; write the results into `out` after every method and return the summary."""
     from .report import write_results
 
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in hypers if m not in METHODS]
     if unknown:
         raise ValueError(f"Unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
-    started = time.perf_counter()
-    setup = prepare(profile, facts_path, seed, progress=progress)
-    out = Path(out or Path("results") / setup.profile.name)
-    summary = new_summary(setup, seed)
-    for method in methods:
-        lr, sweep = sweep_lr(setup, method, seed, progress)
-        run = train_method(setup, method, lr, seed=seed, progress=progress)
-        add_method(summary, setup, run, sweep)
-        del run
-        summary["total_seconds"] = time.perf_counter() - started
-        write_results(summary, out)  # after every method: a long run that is stopped keeps what it finished
+    profile, started = get_profile(profile), time.perf_counter()
+    out = Path(out or Path("results") / profile.name)
+    runs = []
+    for seed in seeds:
+        setup = prepare(profile, "test", facts_path, seed, progress=progress)
+        runs.append(new_summary(setup, seed))
+        for method, hyper in hypers.items():
+            run_method(runs[-1], setup, method, hyper, seed, progress)
+            summary = {**combine_seeds(runs), "hyperparameters_from": source,
+                       "total_seconds": time.perf_counter() - started}
+            write_results(summary, out)  # after every method: a long run that is stopped keeps what it finished
+        del setup
     return summary
+
+
+def combine_seeds(runs: Sequence[dict]) -> dict:
+    """One summary from runs on several seeds: each figure the mean over seeds, the runs under `per_seed`."""
+    summary = {**runs[0], "seeds": [r["seed"] for r in runs]}
+    if len(runs) == 1:
+        return summary
+    summary["methods"] = {}
+    for method in runs[0]["methods"]:
+        per_seed = [r["methods"][method] for r in runs if method in r["methods"]]
+        summary["methods"][method] = {**_mean(per_seed), "per_seed": per_seed}
+    return summary
+
+
+def _mean(items: Sequence[dict]) -> dict:
+    """Means of the numbers (and of nested dicts of numbers) shared by all items; other values from the first."""
+    out = {}
+    for key, value in items[0].items():
+        values = [item.get(key) for item in items]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and all(v is not None for v in values):
+            out[key] = sum(values) / len(values)
+            out[f"{key}_std"] = float(torch.tensor(values, dtype=torch.float64).std()) if len(values) > 1 else 0.0
+        elif isinstance(value, dict) and all(isinstance(v, dict) for v in values):
+            out[key] = {k: v for k, v in _mean(values).items() if not k.endswith("_std")}
+        else:
+            out[key] = value
+    return out

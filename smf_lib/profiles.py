@@ -7,7 +7,7 @@ A profile is a frozen value: change one with `dataclasses.replace` and pass it o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .models import QWEN, SMOLLM2, TINY, default_device
 from .retrofit import MemoryConfig
@@ -16,21 +16,22 @@ from .training import TrainConfig
 
 @dataclass(frozen=True)
 class RunSizes:
-    """Sizes of `python -m smf_lib run`: facts and texts, the step budget, checkpoints and the learning-rate sweep.
+    """Sizes of `run` and `tune`: facts and texts, step budgets, checkpoints and the learning rates tried.
 
-    Each method trains until fact recall reaches `target_recall` or `max_steps` run out, evaluated every
-    `eval_every` steps. `None` for a text count means all of the bundled texts.
+    `run` trains each method on the first `n_facts` test facts (None: all) until fact recall reaches
+    `target_recall` or `max_steps` run out, evaluated every `eval_every` steps. `tune` tries every rate of
+    `lr_grid` on the first `tune_facts` tune facts within `tune_steps`. `None` for a text count means all.
     """
 
-    n_facts: int
+    n_facts: int | None
     max_steps: int
     eval_every: int
+    tune_facts: int
+    tune_steps: int
+    lr_grid: dict[str, tuple[float, ...]]
     target_recall: float = 0.9
     n_background: int | None = None
     n_heldout: int | None = None
-    lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    sweep_facts: int = 16
-    sweep_steps: int = 20
 
 
 @dataclass(frozen=True)
@@ -60,24 +61,23 @@ class Profile:
         return self.notebook_fast if fast else self.notebook
 
 
+# Three rates over a factor of 10 for every method, chosen on the tune split by `python -m smf_lib tune`.
+LR_GRID = {"smf_kl": (0.1, 0.3, 1.0), "smf_tfidf": (0.1, 0.3, 1.0), "full_ft": (1e-5, 3e-5, 1e-4),
+           "lora": (1e-4, 3e-4, 1e-3)}
+
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(
         "tiny", TINY, MemoryConfig(layers=(1, 3), n_keys=16, topk=4, key_dim=32), TrainConfig(),
-        RunSizes(n_facts=6, max_steps=6, eval_every=3, n_background=24, n_heldout=8,
-                 lr_grid={"lora": (1e-4, 3e-4)}, sweep_facts=4, sweep_steps=2),
+        RunSizes(n_facts=6, max_steps=6, eval_every=3, tune_facts=4, tune_steps=4, n_background=24, n_heldout=8,
+                 lr_grid={"smf_kl": (0.3, 3.0), "smf_tfidf": (0.3,), "full_ft": (1e-2,), "lora": (1e-2,)}),
         NotebookSizes(48, 8, 12, 4)),
-    # Perplexity on 24 of the 80 held-out paragraphs (2,161 tokens): a checkpoint's evaluation takes about 10 s
-    # less than on all 80, and the change is still measured on the same text before and after training.
     "cpu": Profile(
         "cpu", SMOLLM2, MemoryConfig(), TrainConfig(batch_size=16),
-        RunSizes(n_facts=100, max_steps=240, eval_every=30, n_heldout=24,
-                 lr_grid={"full_ft": (3e-5, 1e-4), "lora": (3e-4, 1e-3)}),
+        RunSizes(n_facts=None, max_steps=300, eval_every=30, tune_facts=48, tune_steps=150, lr_grid=LR_GRID),
         NotebookSizes(300, 40, 60, 4)),
     "gpu": Profile(
         "gpu", QWEN, MemoryConfig(), TrainConfig(batch_size=16),
-        RunSizes(n_facts=240, max_steps=300, eval_every=25,
-                 lr_grid={"full_ft": (1e-5, 3e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3),
-                          "smf_kl": (0.1, 0.3, 1.0), "smf_tfidf": (0.1, 0.3, 1.0)}),
+        RunSizes(n_facts=None, max_steps=300, eval_every=25, tune_facts=105, tune_steps=300, lr_grid=LR_GRID),
         NotebookSizes(600, 80, 240, 4)),
 }
 

@@ -1,4 +1,5 @@
-"""The run's report: the comparison table (report.md) and the learning-vs-forgetting figure (pareto.png)."""
+"""The run's report: the comparison tables (report.md), the learning-vs-forgetting figure (pareto.png), and the
+table of a tuning run."""
 
 from __future__ import annotations
 
@@ -10,63 +11,112 @@ from .files import save_figure, write_json, write_text
 
 LABELS = {"smf_kl": "SMF (KL)", "smf_tfidf": "SMF (TF-IDF)", "smf_random": "SMF (random slots)",
           "full_ft": "Full finetuning", "lora": "LoRA"}
-COLUMNS = [("fact_recall", "fact recall", "{:.2f}"), ("paraphrase_recall", "paraphrase recall", "{:.2f}"),
-           ("heldout_ppl", "held-out ppl", "{:.2f}"), ("ppl_increase_pct", "ppl change %", "{:+.2f}"),
-           ("known_fact_acc", "known facts kept", "{:.2f}"), ("known_fact_drop_pct", "known-fact drop %", "{:.1f}"),
-           ("params_trained", "params trained", "{:,}"), ("params_changed", "params changed", "{:,}"),
-           ("steps", "steps", "{}"), ("train_seconds", "train s", "{:.0f}"), ("lr", "lr", "{:g}")]
+MATCHED = [("paraphrase_recall", "paraphrase recall", "{:.2f}"), ("ppl_increase_pct", "ppl change %", "{:+.2f}"),
+           ("known_fact_drop_pct", "known-fact drop %", "{:.1f}"), ("step", "step", "{:.0f}")]
+FINAL = [("fact_recall", "fact recall", "{:.2f}"), ("paraphrase_recall", "paraphrase recall", "{:.2f}"),
+         ("ppl_increase_pct", "ppl change %", "{:+.2f}"), ("kl_to_base", "KL to base", "{:.4f}"),
+         ("known_fact_drop_pct", "known-fact drop %", "{:.1f}"), ("answer_bleed_pct", "answer bleed %", "{:.1f}"),
+         ("steps", "steps", "{:.0f}"), ("params_changed", "params changed", "{:,.0f}"),
+         ("train_seconds", "train s", "{:.0f}"), ("peak_rss_mb", "peak MB", "{:,.0f}")]
+
+
+def _label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
+def _table(rows: dict[str, dict | None], columns: list[tuple[str, str, str]], first: str = "method") -> list[str]:
+    lines = [f"| {first} | " + " | ".join(c[1] for c in columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, row in rows.items():
+        cells = ["not reached"] + [""] * (len(columns) - 1) if row is None else [
+            fmt.format(row[key]) if row.get(key) is not None else "–" for key, _, fmt in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _interval(m: dict, key: str) -> str:
+    low, high = m.get(key) or (float("nan"), float("nan"))
+    return f"[{low:+.2f}, {high:+.2f}]"
+
+
+def _seed_cell(run: dict) -> str:
+    where = run.get("at_matched_recall") or run
+    mark = "" if run.get("at_matched_recall") else " (target not reached)"
+    return f"{where['known_fact_drop_pct']:.1f}, {where['ppl_increase_pct']:+.2f}{mark}"
 
 
 def format_report(summary: dict) -> str:
-    """The Markdown report: setup, the comparison table at matched learning, and the learning-rate sweeps."""
-    r, base = summary["retrofit"], summary["base"]
+    """The Markdown report: setup, the comparison at matched recall, the final scores with 95% intervals."""
+    r, base, methods = summary["retrofit"], summary["base"], summary["methods"]
+    seeds = summary.get("seeds", [summary["seed"]])
+    target = summary["target_recall"]
     lines = [
         f"# Sparse memory finetuning vs dense finetuning — profile `{summary['profile']}`", "",
-        f"Model `{summary['model']}`, {summary['n_facts']} new facts, seed {summary['seed']}. Memory in layers "
+        f"Model `{summary['model']}`, {summary['n_facts']} test facts, seeds {', '.join(map(str, seeds))}"
+        + (" (figures are means over seeds)" if len(seeds) > 1 else "") + f". Memory ({r['mode']}) in layers "
         f"{r['layers']}, {r['slots_per_layer']:,} slots each, {r['memory_params']:,} memory parameters; "
-        f"max |logit difference| right after retrofit: {r['max_abs_logit_diff']:.2e}.", "",
-        f"Base model: held-out perplexity {base['heldout_ppl']:.2f}, fact recall {base['fact_recall']:.2f}, "
-        f"{base['known_facts_kept_by_base']} of {base['known_facts_total']} known facts answered (these are the ones "
-        "that can be forgotten).", "",
-        f"Each method trains until fact recall reaches {summary['target_recall']:.2f} or its step budget runs out; "
-        "forgetting is measured there (matched learning).", "",
-        "| method | " + " | ".join(c[1] for c in COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
+        f"max |logit difference| right after retrofit: {r['max_abs_logit_diff']:.2e}. Settings: "
+        f"{summary.get('hyperparameters_from', 'given')}.", "",
+        f"Retrofitted model before training: held-out perplexity {base['heldout_ppl']:.2f}, fact recall "
+        f"{base['fact_recall']:.2f}, paraphrase recall {base['paraphrase_recall']:.2f}, answer bleed "
+        f"{base['answer_bleed_pct']:.1f}%; it answers {base['known_facts_kept_by_base']} of the split's "
+        f"{base['known_facts_total']} known facts (the ones that can be forgotten).", "",
+        f"## At matched learning (fact recall {target:.2f})", "",
+        "Each figure interpolated between the two checkpoints around the target recall.", "",
+        *_table({_label(m): v.get("at_matched_recall") for m, v in methods.items()}, MATCHED), "",
+        "## At the end of training", "",
+        "Training stops at the first checkpoint at or above the target recall, or when the step budget runs out.", "",
+        *_table({_label(m): v for m, v in methods.items()}, FINAL), "",
+        "95% bootstrap intervals (held-out texts, known facts resampled); learning rates and loss:", "",
+        "| method | ppl change % | known-fact drop % | lr | loss on |", "|---|---|---|---|---|",
     ]
-    for method, m in summary["methods"].items():
-        cells = [fmt.format(m[key]) for key, _, fmt in COLUMNS]
-        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
-    sweeps = {k: v for k, v in summary.get("sweeps", {}).items() if v}
-    if sweeps:
-        lines += ["", "## Learning-rate sweeps", "",
-                  "Each candidate trained on a few facts for a short budget; the best recall wins, ties go to the "
-                  "smaller perplexity increase.", "",
-                  "| method | lr | fact recall | ppl change % | known-fact drop % |",
-                  "|---|---|---|---|---|"]
-        for method, rows in sweeps.items():
-            for row in rows:
-                lines.append(f"| {LABELS.get(method, method)} | {row['lr']:g} | {row['fact_recall']:.2f} | "
-                             f"{row['ppl_increase_pct']:+.2f} | {row['known_fact_drop_pct']:.1f} |")
+    for method, m in methods.items():
+        hyper = m.get("hyper", {})
+        lines.append(f"| {_label(method)} | {_interval(m, 'ppl_increase_ci95')} | "
+                     f"{_interval(m, 'known_fact_drop_ci95')} | {m['lr']:g} | {hyper.get('loss_on', '')} |")
+    if len(seeds) > 1:
+        lines += ["", "Per seed, known-fact drop % and ppl change % at matched recall (else at the end):", ""]
+        for method, m in methods.items():
+            lines.append(f"- {_label(method)}: " + "; ".join(_seed_cell(s) for s in m.get("per_seed", [])))
     if "total_seconds" in summary:
         lines += ["", f"Whole run: {summary['total_seconds'] / 60:.1f} minutes."]
     return "\n".join(lines) + "\n"
 
 
+def format_tuning(result: dict) -> str:
+    """The Markdown table of a tuning run: every candidate, and which one each method keeps."""
+    chosen = result["methods"]
+    lines = [f"# Settings chosen on the tune split — profile `{result['profile']}` ({result['date']})", "",
+             f"{len(result['tune_fact_ids'])} tune facts, {result['tune_known']} known facts; target recall "
+             f"{result['target_recall']:.2f} within {result['max_steps']} steps. Forgetting at matched recall where "
+             "the target was reached, else at the last checkpoint.", "",
+             "| method | lr | loss on | reached | steps | recall | paraphrase | ppl change % | known drop % | kept |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["table"]:
+        keep = chosen[row["method"]] == {"lr": row["lr"], "loss_on": row["loss_on"]}
+        reached = "yes" if row["reached"] else "no"
+        lines.append(f"| {_label(row['method'])} | {row['lr']:g} | {row['loss_on']} | {reached}"
+                     f" | {row['steps']} | {row['fact_recall']:.2f} | {row['paraphrase_recall']:.2f} | "
+                     f"{row['ppl_increase_pct']:+.2f} | {row['known_fact_drop_pct']:.1f} | {'✓' if keep else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_pareto(summary: dict) -> plt.Figure:
-    """Learning (fact recall) against forgetting (perplexity change, known-fact drop), one curve per method."""
+    """Learning (fact recall) against forgetting (perplexity change, known-fact drop) over checkpoints, one curve
+    per method from the measured step 0; symmetric-log axes so that +300% and +0.2% both read."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     for method, points in summary.get("checkpoints", {}).items():
-        points = [{"fact_recall": 0.0, "ppl_increase_pct": 0.0, "known_fact_drop_pct": 0.0}] + points
         recall = [p["fact_recall"] for p in points]
         for ax, key in zip(axes, ("ppl_increase_pct", "known_fact_drop_pct")):
-            ax.plot([p[key] for p in points], recall, marker="o", label=LABELS.get(method, method))
+            ax.plot([p[key] for p in points], recall, marker="o", label=_label(method))
     for ax, title in zip(axes, ("held-out perplexity change (%)", "known facts forgotten (%)")):
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.axhline(summary["target_recall"], color="grey", ls="--", lw=0.8)
         ax.set_xlabel(title + "  →  more forgetting")
         ax.set_ylabel("new-fact recall")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right")
-    fig.suptitle("Learning vs forgetting over training (upper left is better)")
+    fig.suptitle("Learning vs forgetting over training (upper left is better; dashed: matched recall)")
     return fig
 
 

@@ -55,3 +55,15 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
         return int(line.split()[1]) / 2**10
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB elsewhere
+
+
+def reset_peak_memory(device: torch.device | None = None) -> bool:
+    """Start a new peak for `peak_memory_mb`; return whether this platform can (CUDA, or Linux's clear_refs)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:  # Linux: writing 5 to clear_refs resets the resident-set high-water mark (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False

@@ -10,16 +10,23 @@ import pytest
 import torch
 
 from smf_lib.analysis import layer_attribution
+from smf_lib.data import load_facts
 from smf_lib.experiment import evaluate, prepare
 from smf_lib.models import load_base_model
 from smf_lib.retrofit import memory_layers
 
-METHOD_KEYS = {"fact_recall", "paraphrase_recall", "heldout_ppl", "ppl_increase_pct", "known_fact_acc",
-               "known_fact_drop_pct", "params_trained", "params_changed", "steps", "train_seconds", "peak_rss_mb"}
+METHOD_KEYS = {"fact_recall", "paraphrase_recall", "heldout_ppl", "ppl_increase_pct", "kl_to_base", "known_fact_acc",
+               "known_fact_drop_pct", "answer_bleed_pct", "at_matched_recall", "params_trained", "params_changed",
+               "steps", "train_seconds", "peak_rss_mb", "ppl_increase_ci95", "known_fact_drop_ci95", "lr"}
+
+
+def _command(command, *args):
+    return subprocess.run([sys.executable, "-m", "smf_lib", command, *args], capture_output=True, text=True,
+                          timeout=900)
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "smf_lib", "run", *args], capture_output=True, text=True, timeout=900)
+    return _command("run", *args)
 
 
 pytestmark = pytest.mark.integration
@@ -28,29 +35,44 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = _run("--profile", "tiny", "--out", str(out), "--methods", "smf_kl,smf_tfidf,full_ft,lora")
+    tuned = _command("tune", "--profile", "tiny", "--out", str(out / "tuned.json"))
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    result = _run("--profile", "tiny", "--out", str(out), "--tuned", str(out / "tuned.json"), "--seeds", "0,1")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
+def test_tune_writes_every_method_with_its_table(tiny_run):
+    tuned = json.loads((tiny_run / "tuned.json").read_text())
+    assert set(tuned["methods"]) == {"smf_kl", "smf_tfidf", "full_ft", "lora"}
+    assert {"date", "command", "table", "tune_fact_ids"} <= tuned.keys()
+    assert {r["loss_on"] for r in tuned["table"] if r["method"] == "full_ft"} == {"all", "answer"}
+    test_ids = {f.id for f in load_facts(split="test")}
+    assert tuned["tune_fact_ids"] and not set(tuned["tune_fact_ids"]) & test_ids
+
+
 def test_summary_has_every_contract_key(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
-    assert {"profile", "model", "seed", "n_facts", "retrofit", "base", "methods"} <= summary.keys()
-    assert summary["profile"] == "tiny" and summary["model"] == "tiny" and summary["seed"] == 0
+    assert {"profile", "model", "seed", "seeds", "n_facts", "split", "retrofit", "base", "methods"} <= summary.keys()
+    assert summary["profile"] == "tiny" and summary["model"] == "tiny" and summary["seeds"] == [0, 1]
     assert {"layers", "slots_per_layer", "memory_params", "max_abs_logit_diff"} <= summary["retrofit"].keys()
     assert summary["retrofit"]["max_abs_logit_diff"] <= 1e-5
-    assert {"heldout_ppl", "known_fact_acc", "fact_recall"} <= summary["base"].keys()
+    assert {"heldout_ppl", "known_fact_acc", "fact_recall", "paraphrase_recall"} <= summary["base"].keys()
+    assert set(summary["split"]["test_fact_ids"]) <= {f.id for f in load_facts(split="test")}
+    assert summary["hyperparameters_from"].endswith("tuned.json")
     assert set(summary["methods"]) == {"smf_kl", "smf_tfidf", "full_ft", "lora"}
     for method, scores in summary["methods"].items():
         assert METHOD_KEYS <= scores.keys(), method
-        assert scores["params_changed"] > 0 and scores["steps"] > 0
+        assert len(scores["per_seed"]) == 2 and scores["steps"] > 0
+        assert scores["fact_recall"] == pytest.approx(sum(s["fact_recall"] for s in scores["per_seed"]) / 2)
     smf, full = summary["methods"]["smf_kl"], summary["methods"]["full_ft"]
     assert smf["params_trained"] < full["params_trained"]
+    assert summary["checkpoints"]["smf_kl"][0]["step"] == 0  # curves start at the measured step 0
 
 
 def test_report_and_figure_are_written(tiny_run):
     report = (tiny_run / "report.md").read_text()
-    assert "| SMF (KL) |" in report and "| LoRA |" in report
+    assert "| SMF (KL) |" in report and "| LoRA |" in report and "matched learning" in report
     assert (tiny_run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tiny_run.iterdir() if p.name.startswith(".")]  # no temporary files left
 

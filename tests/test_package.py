@@ -16,7 +16,7 @@ PACKAGE = ROOT / "smf_lib"
 # The pipeline, top to bottom: each module may import only modules listed before it.
 ORDER = ["files", "timing", "hub", "losses", "models", "memory", "retrofit", "data", "stats", "calibration",
          "pipeline", "selection", "optim", "training", "profiles", "evaluation", "analysis", "report", "experiment",
-         "plots", "training_plots", "widgets", "bench", "__main__"]
+         "tuning", "plots", "training_plots", "widgets", "bench", "__main__"]
 
 
 def test_public_api_names_exist():

@@ -1,0 +1,55 @@
+"""The evaluation protocol's pieces: matched-recall interpolation, seeds combined, tuning that never sees a test
+fact, and the choice rule every method shares."""
+
+import pytest
+
+from smf_lib import experiment, tuning
+from smf_lib.data import load_facts, load_known_facts
+from smf_lib.experiment import at_matched_recall, combine_seeds
+from smf_lib.tuning import choose
+
+
+def _point(step, recall, ppl, drop):
+    return {"step": step, "fact_recall": recall, "paraphrase_recall": recall / 2, "ppl_increase_pct": ppl,
+            "known_fact_drop_pct": drop, "answer_bleed_pct": 0.0}
+
+
+def test_matched_recall_interpolates_between_the_checkpoints_around_the_target():
+    points = [_point(0, 0.0, 0.0, 0.0), _point(30, 0.5, 1.0, 2.0), _point(40, 0.8, 2.0, 4.0), _point(50, 1.0, 4.0, 8.0)]
+    matched = at_matched_recall(points, 0.9)
+    assert matched["step"] == pytest.approx(45) and matched["ppl_increase_pct"] == pytest.approx(3.0)
+    assert matched["known_fact_drop_pct"] == pytest.approx(6.0) and matched["paraphrase_recall"] == pytest.approx(0.45)
+    assert at_matched_recall(points[:3], 0.9) is None  # never reached
+
+
+def test_choice_prefers_reaching_the_target_then_forgetting_least():
+    rows = [{"reached": True, "known_fact_drop_pct": 5.0, "ppl_increase_pct": 1.0, "fact_recall": 1.0, "lr": 1},
+            {"reached": True, "known_fact_drop_pct": 2.0, "ppl_increase_pct": 9.0, "fact_recall": 0.9, "lr": 2},
+            {"reached": False, "known_fact_drop_pct": 0.0, "ppl_increase_pct": 0.0, "fact_recall": 0.5, "lr": 3}]
+    assert choose(rows)["lr"] == 2
+    assert choose(rows[2:])["lr"] == 3  # none reached: the best recall
+
+
+def test_seeds_are_averaged_and_kept():
+    runs = [{"seed": s, "methods": {"smf_kl": {"fact_recall": r, "at_matched_recall": {"recall": 0.9, "step": st},
+                                               "lr": 0.3}}} for s, r, st in [(0, 0.8, 10), (1, 1.0, 20)]]
+    combined = combine_seeds(runs)["methods"]["smf_kl"]
+    assert combined["fact_recall"] == pytest.approx(0.9) and combined["fact_recall_std"] > 0
+    assert combined["at_matched_recall"]["step"] == pytest.approx(15) and len(combined["per_seed"]) == 2
+
+
+def test_tuning_never_sees_a_test_fact(monkeypatch, tmp_path):
+    test = load_facts(split="test")
+    test_text = {s for f in test for s in (*f.train, f.probe, *f.heldout, *f.neighbours)}
+    test_known = {k.prompt for k in load_known_facts(split="test")}
+    seen = []
+    real_train, real_complete = experiment.train, experiment.complete
+    monkeypatch.setattr(experiment, "train", lambda m, t, facts, *a, **k: seen.extend(facts) or real_train(
+        m, t, facts, *a, **k))
+    monkeypatch.setattr(experiment, "complete", lambda m, t, prompts, *a, **k: seen.extend(prompts) or real_complete(
+        m, t, prompts, *a, **k))
+    tuning.tune("tiny", ["smf_kl", "full_ft"], out=tmp_path / "tuned.json", progress=False)
+    trained = [s for fact in seen if not isinstance(fact, str) for s in fact.train]
+    prompts = [p for p in seen if isinstance(p, str)]
+    assert trained and prompts
+    assert not test_text & set(trained + prompts) and not test_known & set(prompts)
