@@ -23,6 +23,7 @@ from .evaluation import complete, contains_answer, fact_recall, known_correct, p
 from .memory import ProductKeyMemory, SlotAccess
 from .models import ModelNotAvailableError, load_base_model
 from .optim import RowAdam, RowSGD, SparseMemoryOptimizer
+from .patches import MemoryPatch, PatchError, apply_patch, load_patch, merge_patches, revert_patch, save_patch
 from .pipeline import prepare_memory
 from .profiles import PROFILES, Profile, get_profile
 from .retrofit import MemoryConfig, RetrofitError, load_memory, memory_layers, retrofit, save_memory
@@ -52,4 +53,6 @@ __all__ = [
     # evaluation and analysis
     "complete", "contains_answer", "fact_recall", "paraphrase_recall", "known_correct", "perplexity",
     "snapshot", "parameter_changes", "changed_rows", "layer_attribution",
+    # memory patches: a trained fact set as a file to apply, revert and merge
+    "MemoryPatch", "PatchError", "save_patch", "load_patch", "apply_patch", "revert_patch", "merge_patches",
 ]

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "smf_lib"
 # The pipeline, top to bottom: each module may import only modules listed before it.
 ORDER = ["files", "timing", "hub", "losses", "models", "memory", "retrofit", "data", "stats", "calibration",
-         "pipeline", "selection", "optim", "training", "profiles", "evaluation", "analysis", "report", "experiment",
-         "tuning", "plots", "training_plots", "widgets", "bench", "__main__"]
+         "pipeline", "selection", "optim", "training", "profiles", "evaluation", "analysis", "patches", "report",
+         "experiment", "tuning", "plots", "training_plots", "widgets", "bench", "__main__"]
 
 
 def test_public_api_names_exist():

@@ -15,7 +15,8 @@ def _point(step, recall, ppl, drop):
 
 
 def test_matched_recall_interpolates_between_the_checkpoints_around_the_target():
-    points = [_point(0, 0.0, 0.0, 0.0), _point(30, 0.5, 1.0, 2.0), _point(40, 0.8, 2.0, 4.0), _point(50, 1.0, 4.0, 8.0)]
+    points = [_point(0, 0.0, 0.0, 0.0), _point(30, 0.5, 1.0, 2.0), _point(40, 0.8, 2.0, 4.0),
+              _point(50, 1.0, 4.0, 8.0)]
     matched = at_matched_recall(points, 0.9)
     assert matched["step"] == pytest.approx(45) and matched["ppl_increase_pct"] == pytest.approx(3.0)
     assert matched["known_fact_drop_pct"] == pytest.approx(6.0) and matched["paraphrase_recall"] == pytest.approx(0.45)

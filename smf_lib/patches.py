@@ -1,0 +1,182 @@
+"""Memory patches: the value rows one training changed, as a small file that can be applied, reverted and merged.
+
+Sparse memory finetuning changes a few thousand value rows and nothing else, so a fact set is an installable,
+removable unit: `save_patch` keeps the changed rows with their indices, the rows they replaced (only the non-zero
+ones: a fresh memory's rows are zero) and a fingerprint of the memory's addressing (queries, keys, gate, projection),
+since value rows mean something only to the addressing that reads them.
+
+Example:
+    >>> reference = copy.deepcopy(model)              # the memory before training
+    >>> model, _ = train(model, tokenizer, facts, TrainConfig(), background=background)
+    >>> save_patch(model, reference, "facts.patch.safetensors")
+    >>> apply_patch(other_copy_of_reference, load_patch("facts.patch.safetensors"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from .files import save_tensors
+from .retrofit import memory_layers
+
+
+class PatchError(ValueError):
+    """A patch that does not fit this memory, or patches that collide."""
+
+
+@dataclass
+class MemoryPatch:
+    """Per memory layer: the indices of the changed rows, their new values, and the rows they replaced."""
+
+    rows: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+    before: dict[int, torch.Tensor]
+    addressing: str  # fingerprint of the memory's parameters other than the values
+
+    @property
+    def n_rows(self) -> int:
+        """How many value rows the patch changes, over all layers."""
+        return sum(len(r) for r in self.rows.values())
+
+
+def addressing_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every memory parameter except the value tables: what decides which slot a context reads."""
+    digest = hashlib.sha256()
+    for m in memory_layers(model):
+        for name, p in sorted(m.named_parameters()):
+            if name != "values.weight":
+                digest.update(f"{m.layer_index}.{name}{tuple(p.shape)}".encode())
+                digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _tables(model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    tables = {m.layer_index: m.values.weight for m in memory_layers(model)}
+    if not tables:
+        raise PatchError("This model has no memory layers: retrofit it (or load its memory) first.")
+    return tables
+
+
+def make_patch(model: torch.nn.Module, reference: torch.nn.Module) -> MemoryPatch:
+    """The value rows in which `model` differs from `reference`, a model with the same memory before training."""
+    if addressing_fingerprint(model) != addressing_fingerprint(reference):
+        raise PatchError("The two models' memories address slots differently (queries, keys, gate or projection "
+                         "differ): a patch holds value rows only, so both must come from the same retrofit.")
+    new, old = _tables(model), _tables(reference)
+    if {i: t.shape for i, t in new.items()} != {i: t.shape for i, t in old.items()}:
+        raise PatchError("The two models' memories have different layers or sizes.")
+    rows = {i: (new[i] != old[i]).any(dim=1).nonzero().flatten().cpu() for i in new}
+    return MemoryPatch(rows, {i: new[i].detach()[r].cpu().clone() for i, r in rows.items()},
+                       {i: old[i].detach()[r].cpu().clone() for i, r in rows.items()}, addressing_fingerprint(model))
+
+
+def save_patch(model: torch.nn.Module, reference: torch.nn.Module, path: str | Path) -> MemoryPatch:
+    """Write the rows `model` changed against `reference` to a safetensors file (atomically); return the patch."""
+    patch = make_patch(model, reference)
+    write_patch(patch, path)
+    return patch
+
+
+def write_patch(patch: MemoryPatch, path: str | Path) -> Path:
+    """Write a patch to a safetensors file, atomically; replaced rows that were all zero are not stored."""
+    tensors = {}
+    for i, rows in patch.rows.items():
+        kept = patch.before[i].ne(0).any(dim=1)
+        tensors |= {f"rows.{i}": rows, f"values.{i}": patch.values[i],
+                    f"before_rows.{i}": rows[kept], f"before.{i}": patch.before[i][kept]}
+    meta = {"addressing": patch.addressing, "layers": json.dumps(sorted(patch.rows)),
+            "dims": json.dumps({i: v.shape[1] for i, v in patch.values.items()})}
+    return save_tensors(tensors, path, meta)
+
+
+def load_patch(path: str | Path) -> MemoryPatch:
+    """Read a patch written by `save_patch`."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors, layers, dims = load_file(str(path)), json.loads(meta["layers"]), json.loads(meta["dims"])
+    except (OSError, KeyError, ValueError) as error:
+        raise PatchError(f"{path} is not a memory patch written by save_patch ({error}).") from None
+    rows, values, before = {}, {}, {}
+    for i in layers:
+        rows[i], values[i] = tensors[f"rows.{i}"], tensors[f"values.{i}"]
+        before[i] = torch.zeros(len(rows[i]), dims[str(i)], dtype=values[i].dtype)
+        before[i][torch.isin(rows[i], tensors[f"before_rows.{i}"])] = tensors[f"before.{i}"]
+    return MemoryPatch(rows, values, before, meta["addressing"])
+
+
+def _check(model: torch.nn.Module, patch: MemoryPatch, expected: dict[int, torch.Tensor], what: str) -> dict:
+    tables = _tables(model)
+    if set(patch.rows) - set(tables) or any(tables[i].shape[1] != patch.values[i].shape[1] for i in patch.rows):
+        raise PatchError(f"This patch is for memory layers {sorted(patch.rows)} of width "
+                         f"{[v.shape[1] for v in patch.values.values()]}; this model's memory is layers "
+                         f"{sorted(tables)} of width {[t.shape[1] for t in tables.values()]}.")
+    if addressing_fingerprint(model) != patch.addressing:
+        raise PatchError("This patch was made for a memory that addresses slots differently (another retrofit, "
+                         "seed or calibration): its rows would be read by the wrong contexts.")
+    for i, rows in patch.rows.items():
+        current = tables[i].detach()[rows.to(tables[i].device)].cpu()
+        moved = (current != expected[i]).any(dim=1)
+        if moved.any():
+            raise PatchError(f"Cannot {what}: {int(moved.sum())} of its {len(rows)} rows in layer {i} are not the "
+                             "rows it expects (another patch or training changed them). Revert that first, or "
+                             "merge the patches with merge_patches.")
+    return tables
+
+
+@torch.no_grad()
+def apply_patch(model: torch.nn.Module, patch: MemoryPatch) -> torch.nn.Module:
+    """Write the patch's rows into `model`'s memory; its rows must still hold what the patch replaced."""
+    tables = _check(model, patch, patch.before, "apply this patch")
+    for i, rows in patch.rows.items():
+        tables[i][rows.to(tables[i].device)] = patch.values[i].to(tables[i])
+    return model
+
+
+@torch.no_grad()
+def revert_patch(model: torch.nn.Module, patch: MemoryPatch) -> torch.nn.Module:
+    """Put back the rows the patch replaced, bit for bit; its rows must still hold the patch's values."""
+    tables = _check(model, patch, patch.values, "revert this patch")
+    for i, rows in patch.rows.items():
+        tables[i][rows.to(tables[i].device)] = patch.before[i].to(tables[i])
+    return model
+
+
+def merge_patches(first: MemoryPatch, second: MemoryPatch,
+                  on_collision: str = "refuse") -> tuple[MemoryPatch, dict[int, torch.Tensor]]:
+    """One patch with the rows of both, and the rows both change, per layer.
+
+    Rows changed by both are refused (`on_collision="refuse"`, a PatchError naming how many), or taken from the
+    `"first"` or the `"second"` patch, or averaged (`"mean"`). Both must address slots alike; a patch made after
+    another was applied merges with `"second"`, and the merged patch then reverts to what the first found.
+    """
+    if on_collision not in ("refuse", "first", "second", "mean"):
+        raise ValueError(f"on_collision must be 'refuse', 'first', 'second' or 'mean', got {on_collision!r}.")
+    if first.addressing != second.addressing:
+        raise PatchError("These patches were made for memories that address slots differently.")
+    merged, collisions = MemoryPatch({}, {}, {}, first.addressing), {}
+    for i in sorted(set(first.rows) | set(second.rows)):
+        parts = [(p.rows[i], p.values[i], p.before[i]) for p in (first, second) if i in p.rows]
+        rows = torch.cat([r for r, _, _ in parts])
+        values, before = torch.cat([v for _, v, _ in parts]), torch.cat([b for _, _, b in parts])
+        unique, inverse, counts = torch.unique(rows, return_inverse=True, return_counts=True)
+        collisions[i] = unique[counts > 1]
+        if len(collisions[i]) and on_collision == "refuse":
+            raise PatchError(f"Both patches change {len(collisions[i])} rows of layer {i} (e.g. row "
+                             f"{int(collisions[i][0])}): merge with on_collision='first', 'second' or 'mean'.")
+        position = torch.arange(len(rows))
+        first_at = torch.zeros_like(unique).scatter_reduce_(0, inverse, position, "amin", include_self=False)
+        last_at = torch.zeros_like(unique).scatter_reduce_(0, inverse, position, "amax", include_self=False)
+        out = values[first_at if on_collision == "first" else last_at]
+        if on_collision == "mean":
+            out = torch.zeros_like(out).index_add_(0, inverse, values) / counts.unsqueeze(1).to(values.dtype)
+        start = before[first_at]  # what the first patch found there
+        merged.rows[i], merged.values[i], merged.before[i] = unique, out, start
+    return merged, collisions

@@ -1,0 +1,86 @@
+"""Memory patches: the rows one training changed, saved small, applied and reverted bit for bit, merged with their
+collisions reported, and refused by a memory they do not fit."""
+
+import copy
+
+import pytest
+import torch
+
+from smf_lib.data import load_facts
+from smf_lib.patches import PatchError, apply_patch, load_patch, make_patch, merge_patches, revert_patch, save_patch
+from smf_lib.retrofit import memory_layers
+from smf_lib.training import TrainConfig, train
+
+
+def _values(model):
+    return [m.values.weight.detach().clone() for m in memory_layers(model)]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_ready):
+    """The untrained reference and two models trained on different facts from it."""
+    reference, tokenizer, background = tiny_ready
+    config = TrainConfig(steps=3, batch_size=4, top_t=8, lr=0.5)
+    first, _ = train(copy.deepcopy(reference), tokenizer, load_facts(limit=2), config, background, progress=False)
+    second, _ = train(copy.deepcopy(reference), tokenizer, load_facts()[2:4], config, background, progress=False)
+    return reference, first, second
+
+
+def test_round_trip_through_a_file_is_bit_exact(trained, tmp_path):
+    reference, first, _ = trained
+    patch = save_patch(first, reference, tmp_path / "p.safetensors")
+    assert 0 < patch.n_rows < sum(m.n_slots for m in memory_layers(first))
+    loaded = load_patch(tmp_path / "p.safetensors")
+    target = copy.deepcopy(reference)
+    apply_patch(target, loaded)
+    assert all(torch.equal(a, b) for a, b in zip(_values(target), _values(first)))
+    revert_patch(target, loaded)
+    assert all(torch.equal(a, b) for a, b in zip(_values(target), _values(reference)))
+    # zero rows replaced by a fresh memory's training are not stored: the file holds the new rows only
+    assert (tmp_path / "p.safetensors").stat().st_size < 1.2 * sum(v.numel() * 4 for v in patch.values.values()) + 4096
+
+
+def test_a_mismatched_memory_is_refused(trained, tiny_base, small_memory):
+    reference, first, _ = trained
+    patch = make_patch(first, reference)
+    from smf_lib.retrofit import MemoryConfig, retrofit
+
+    other_seed = retrofit(copy.deepcopy(tiny_base[0]), MemoryConfig.from_dict({**small_memory.__dict__, "seed": 7}))
+    with pytest.raises(PatchError, match="addresses slots differently"):
+        apply_patch(other_seed, patch)
+    with pytest.raises(PatchError, match="no memory layers"):
+        apply_patch(copy.deepcopy(tiny_base[0]), patch)
+    applied = apply_patch(copy.deepcopy(reference), patch)
+    with pytest.raises(PatchError, match="not the rows it expects"):
+        apply_patch(applied, patch)  # twice
+
+
+def test_merging_reports_collisions_and_resolves_them_as_asked(trained):
+    reference, first, second = trained
+    a, b = make_patch(first, reference), make_patch(second, reference)
+    shared = {i: set(a.rows[i].tolist()) & set(b.rows[i].tolist()) for i in a.rows}
+    if any(shared.values()):
+        with pytest.raises(PatchError, match="Both patches change"):
+            merge_patches(a, b)
+    merged, collisions = merge_patches(a, b, on_collision="second")
+    assert {i: set(c.tolist()) for i, c in collisions.items()} == shared
+    assert {i: set(r.tolist()) for i, r in merged.rows.items()} == {
+        i: set(a.rows[i].tolist()) | set(b.rows[i].tolist()) for i in a.rows}
+    model = apply_patch(copy.deepcopy(reference), merged)
+    for m, table in zip(memory_layers(model), _values(second)):  # rows of the second patch hold its values
+        rows = b.rows[m.layer_index]
+        assert torch.equal(m.values.weight[rows], table[rows])
+    revert_patch(model, merged)
+    assert all(torch.equal(x, y) for x, y in zip(_values(model), _values(reference)))
+
+
+def test_sequential_patches_merge_into_one_that_reverts_to_the_start(trained, tiny_ready):
+    reference, first, _ = trained
+    _, tokenizer, background = tiny_ready
+    config = TrainConfig(steps=3, batch_size=4, top_t=8, lr=0.5, seed=1)
+    later, _ = train(copy.deepcopy(first), tokenizer, load_facts()[4:6], config, background, progress=False)
+    merged, _ = merge_patches(make_patch(first, reference), make_patch(later, first), on_collision="second")
+    model = apply_patch(copy.deepcopy(reference), merged)
+    assert all(torch.equal(x, y) for x, y in zip(_values(model), _values(later)))
+    revert_patch(model, merged)
+    assert all(torch.equal(x, y) for x, y in zip(_values(model), _values(reference)))
