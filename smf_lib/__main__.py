@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             from .report import format_report
             from .tuning import tuned_settings
 
-            hypers, source = tuned_settings(get_profile(profile), args.methods, args.tuned)
+            hypers, tuning = tuned_settings(get_profile(profile), args.methods, args.tuned)
             seeds = args.seeds or [args.seed or 0]
-            summary = run_experiment(profile, hypers, args.facts, args.out, seeds, source)
+            summary = run_experiment(profile, hypers, args.facts, args.out, seeds, tuning)
             print(format_report(summary))
             print(f"Results written to {args.out or f'results/{profile}/'}")
         elif args.command == "tune":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,17 +22,6 @@ def contains_answer(completion: str, answers: Sequence[str]) -> bool:
     """Whether the completion contains any of the answers as whole words, case-insensitively."""
     words = " ".join(_normalise(completion))
     return any(re.search(rf"\b{re.escape(' '.join(_normalise(a)))}\b", words) for a in answers if _normalise(a))
-
-
-def token_f1(completion: str, answer: str) -> float:
-    """SQuAD-style token F1 between the completion's first line and the answer."""
-    pred = _normalise(completion.strip().split("\n")[0])
-    gold = _normalise(answer)
-    common = sum((Counter(pred) & Counter(gold)).values())
-    if not common:
-        return 0.0
-    precision, recall = common / len(pred), common / len(gold)
-    return 2 * precision * recall / (precision + recall)
 
 
 @torch.no_grad()
@@ -67,34 +55,20 @@ def hit_rate(completions: Sequence[str], answers: Sequence[str]) -> float:
     return sum(hits) / max(len(hits), 1)
 
 
-def recall(model, tokenizer, prompts: Sequence[str], answers: Sequence[Sequence[str]],
-           max_new_tokens: int = 8) -> tuple[float, float]:
-    """(share of prompts whose greedy completion contains an answer, mean token F1 against the first answer)."""
-    if not prompts:
-        return 0.0, 0.0
-    completions = complete(model, tokenizer, prompts, max_new_tokens)
-    hits = [contains_answer(c, a) for c, a in zip(completions, answers)]
-    f1 = [token_f1(c, a[0]) for c, a in zip(completions, answers)]
-    return sum(hits) / len(hits), sum(f1) / len(f1)
+def recall(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], max_new_tokens: int = 8) -> float:
+    """Share of prompts whose greedy completion contains its answer."""
+    return hit_rate(complete(model, tokenizer, prompts, max_new_tokens), answers)
 
 
 def fact_recall(model, tokenizer, facts: Sequence[Fact]) -> float:
     """Share of new facts whose probe prompt, completed greedily, gives the answer."""
-    return recall(model, tokenizer, [f.probe for f in facts], [[f.answer] for f in facts])[0]
-
-
-def recall_and_known(model, tokenizer, facts: Sequence[Fact], known: Sequence[KnownFact]) -> tuple[float, list[bool]]:
-    """`fact_recall` and `known_correct` from one batched generation over both prompt sets (fewer, fuller batches)."""
-    completions = complete(model, tokenizer, [f.probe for f in facts] + [k.prompt for k in known])
-    hits = [contains_answer(c, [f.answer]) for c, f in zip(completions, facts)]
-    return sum(hits) / max(len(hits), 1), _answered(completions[len(facts):], known)
+    return recall(model, tokenizer, [f.probe for f in facts], [f.answer for f in facts])
 
 
 def paraphrase_recall(model, tokenizer, facts: Sequence[Fact]) -> float:
     """Share of held-out question forms (never trained on) answered correctly."""
     prompts = [q for f in facts for q in f.heldout]
-    answers = [[f.answer] for f in facts for _ in f.heldout]
-    return recall(model, tokenizer, prompts, answers)[0]
+    return recall(model, tokenizer, prompts, [f.answer for f in facts for _ in f.heldout])
 
 
 def known_correct(model, tokenizer, known: Sequence[KnownFact]) -> list[bool]:
@@ -132,18 +106,22 @@ def score_texts(model, tokenizer, texts: Sequence[str], reference=None, batch_si
     """Score each text on its own (truncated to `max_length` tokens): loss per text, and KL to `reference`."""
     device = next(model.parameters()).device
     nll, tokens, kl = [], [], []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                          truncation=True, max_length=max_length).to(device)
-        mask = batch["attention_mask"][:, 1:].float()
-        logits = model(**batch).logits.float()
-        nll.append((next_token_losses(logits, batch["input_ids"])[:, :-1] * mask).sum(1).cpu())
-        tokens.append(mask.sum(1).cpu())
-        if reference is not None:
-            log_p = torch.log_softmax(logits[:, :-1], dim=-1)
-            log_ref = torch.log_softmax(reference(**batch).logits[:, :-1].float(), dim=-1)
-            per_token = (log_ref.exp() * (log_ref - log_p)).sum(-1)
-            kl.append((per_token * mask).sum(1).cpu())
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # the mask below assumes right padding
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                              truncation=True, max_length=max_length).to(device)
+            mask = batch["attention_mask"][:, 1:].float()
+            logits = model(**batch).logits.float()
+            nll.append((next_token_losses(logits, batch["input_ids"])[:, :-1] * mask).sum(1).cpu())
+            tokens.append(mask.sum(1).cpu())
+            if reference is not None:
+                log_p = torch.log_softmax(logits[:, :-1], dim=-1)
+                log_ref = torch.log_softmax(reference(**batch).logits[:, :-1].float(), dim=-1)
+                per_token = (log_ref.exp() * (log_ref - log_p)).sum(-1)
+                kl.append((per_token * mask).sum(1).cpu())
+    finally:
+        tokenizer.padding_side = side
     return TextScores(torch.cat(nll).double(), torch.cat(tokens).double(),
                       torch.cat(kl).double() if kl else None)
 

@@ -4,6 +4,7 @@ learning, on the test split (DESIGN.md §8)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -53,6 +54,14 @@ def split_facts(profile: Profile, split: str, facts_path: str | Path | None = No
     return load_facts(split=split)[:limit]
 
 
+def perplexity_texts(profile: Profile, split: str) -> list[str]:
+    """The text perplexity and KL are measured on: the held-out paragraphs for the test split; for tuning, the
+    last background passages instead, so that no choice is made on the text that is reported."""
+    if split == "test":
+        return load_heldout_text()[: profile.run.n_heldout]
+    return load_background()[-(profile.run.n_heldout or 40):]
+
+
 def prepare(profile: str | Profile | None = None, split: str = "test", facts_path: str | Path | None = None,
             seed: int = 0, memory: MemoryConfig | None = None, progress: bool = True) -> Setup:
     """Retrofit the profile's model, calibrate it, count background slot use, and score it on one split.
@@ -75,11 +84,12 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
                      "slots_per_layer": layers[0].n_slots, "max_abs_logit_diff": diff,
                      "memory_params": sum(p.numel() for m in layers for p in m.parameters())}
     facts, known_all = split_facts(profile, split, facts_path), load_known_facts(split=split)
-    heldout = load_heldout_text()[: profile.run.n_heldout]
+    heldout = perplexity_texts(profile, split)
     setup = Setup(profile, split, model, tokenizer, facts, known_all, heldout, background, {}, None, retrofit_info)
     step0, known_ok, setup.base_texts = _scores(setup, model, full=True)
     setup.known = [k for k, ok in zip(known_all, known_ok) if ok]
-    setup.base = {**step0, "heldout_ppl": setup.base_texts.perplexity, "known_fact_acc": sum(known_ok) / len(known_ok),
+    setup.base = {**step0, "heldout_ppl": setup.base_texts.perplexity,
+                  "known_fact_acc": sum(known_ok) / max(len(known_ok), 1),
                   "known_facts_total": len(known_all), "known_facts_kept_by_base": len(setup.known)}
     return setup
 
@@ -103,6 +113,9 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, lis
     scores = {"fact_recall": _share(contains_answer(c, [f.answer]) for c, f in zip(probes, facts)),
               "paraphrase_recall": _share(contains_answer(c, [a]) for c, (_, a) in zip(questions, heldout))}
     if full:  # neither a neighbour nor a known-fact prompt may now give a trained answer
+        starts = itertools.accumulate((len(f.heldout) for f in facts), initial=0)
+        sampled = [start + i % len(f.heldout) for i, (start, f) in enumerate(zip(starts, facts))]  # as at checkpoints
+        scores["paraphrase_recall_sampled"] = _share(contains_answer(questions[j], [heldout[j][1]]) for j in sampled)
         scores["answer_bleed_pct"] = 100 * _share(contains_answer(c, trained) for c in unchanged)
         scores["paraphrase_by_format"] = _by_format(facts, questions)
     reference = setup.model if full and model is not setup.model else None
@@ -136,7 +149,8 @@ def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
                                       - base.nll[i].sum() / base.tokens[i].sum())) - 1)
 
     result = {**scores, "heldout_ppl": texts.perplexity, "ppl_increase_pct": ppl_change(),
-              "known_fact_acc": float(kept.mean()), "known_fact_drop_pct": 100 * (1 - float(kept.mean()))}
+              "known_fact_acc": setup.base["known_fact_acc"] * float(kept.mean()),
+              "known_fact_drop_pct": 100 * (1 - float(kept.mean()))}
     if full:
         result["kl_to_base"] = texts.kl_per_token
         result["ppl_increase_ci95"] = bootstrap_interval(ppl_change, len(texts.nll))
@@ -146,14 +160,18 @@ def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
 
 def step_zero(setup: Setup) -> dict:
     """The checkpoint before training: the retrofitted model's own scores."""
-    return {"step": 0, **{k: setup.base[k] for k in ("fact_recall", "paraphrase_recall")},
-            "heldout_ppl": setup.base["heldout_ppl"], "ppl_increase_pct": 0.0, "known_fact_acc": 1.0,
+    return {"step": 0, "fact_recall": setup.base["fact_recall"],
+            "paraphrase_recall": setup.base["paraphrase_recall_sampled"],
+            "heldout_ppl": setup.base["heldout_ppl"], "ppl_increase_pct": 0.0,
+            "known_fact_acc": setup.base["known_fact_acc"],
             "known_fact_drop_pct": 0.0}
 
 
 def at_matched_recall(checkpoints: Sequence[dict], target: float) -> dict | None:
     """Each figure linearly interpolated in fact recall at `target`, between the last checkpoint below it and the
     first at or above it (step 0 included); None when no checkpoint reached it."""
+    if checkpoints and checkpoints[0]["fact_recall"] >= target:  # known before any training
+        return {"recall": checkpoints[0]["fact_recall"], "step": 0, **{k: checkpoints[0][k] for k in MATCHED_KEYS}}
     for before, after in zip(checkpoints, checkpoints[1:]):
         if after["fact_recall"] >= target > before["fact_recall"]:
             w = (target - before["fact_recall"]) / (after["fact_recall"] - before["fact_recall"])
@@ -173,6 +191,7 @@ class MethodRun:
     steps: int
     train_seconds: float
     params_trained: int
+    peak_mb: float  # peak memory while training (the process's peak resident set, or the CUDA allocator's)
 
 
 def train_method(setup: Setup, method: str, hyper: dict, max_steps: int | None = None,
@@ -188,25 +207,29 @@ def train_method(setup: Setup, method: str, hyper: dict, max_steps: int | None =
     sizes = setup.profile.run
     max_steps, eval_every = max_steps or sizes.max_steps, eval_every or sizes.eval_every
     target = sizes.target_recall if target is None else target
-    eval_seconds, next_eval = 0.0, eval_every
+    eval_seconds, next_eval, peak = 0.0, eval_every, 0.0
+    device = default_device()
 
     def checkpoint(step: int, model: torch.nn.Module) -> dict | None:
-        nonlocal eval_seconds, next_eval
+        nonlocal eval_seconds, next_eval, peak
         if step < next_eval and step != max_steps:
             return None
+        peak = max(peak, peak_memory_mb(device))  # training's peak so far; evaluation's own is not counted
         start = time.perf_counter()
         scores = evaluate(setup, model, full=False)
         eval_seconds += time.perf_counter() - start
         next_eval = step + (max(eval_every // 2, 1) if scores["fact_recall"] >= target - 0.3 else eval_every)
+        reset_peak_memory(device)
         return {**scores, "stop": scores["fact_recall"] >= target}
 
-    config = replace(setup.profile.train, method=method, steps=max_steps, seed=seed, **hyper)
+    config = replace(setup.profile.train, **{"method": method, "steps": max_steps, "seed": seed, "lr": None, **hyper})
+    reset_peak_memory(device)
     start = time.perf_counter()
     model, history = train(copy.deepcopy(setup.model), setup.tokenizer, setup.facts, config,
                            background=setup.background, callback=checkpoint, progress=progress)
     seconds = time.perf_counter() - start - eval_seconds
-    return MethodRun(method, dict(hyper), model, [step_zero(setup), *history.checkpoints], len(history.loss),
-                     seconds, history.params_trained)
+    return MethodRun(method, {**hyper, "lr": config.lr}, model, [step_zero(setup), *history.checkpoints],
+                     len(history.loss), seconds, history.params_trained, max(peak, peak_memory_mb(device)))
 
 
 def method_summary(setup: Setup, run: MethodRun) -> dict:
@@ -218,7 +241,7 @@ def method_summary(setup: Setup, run: MethodRun) -> dict:
             any(c["fact_recall"] >= target for c in run.checkpoints),
             "params_trained": run.params_trained,
             "params_changed": sum(r["changed"] for r in parameter_changes(setup.model, run.model)),
-            "steps": run.steps, "train_seconds": run.train_seconds}
+            "steps": run.steps, "train_seconds": run.train_seconds, "peak_rss_mb": run.peak_mb}
 
 
 def new_summary(setup: Setup, seed: int = 0) -> dict:
@@ -231,10 +254,9 @@ def new_summary(setup: Setup, seed: int = 0) -> dict:
 
 
 def run_method(summary: dict, setup: Setup, method: str, hyper: dict, seed: int, progress: bool = True) -> None:
-    """Train one method, score it and put it into `summary`, with its own peak memory."""
-    reset_peak_memory(default_device())
+    """Train one method, score it and put it into `summary`."""
     run = train_method(setup, method, hyper, seed=seed, progress=progress)
-    summary["methods"][method] = {**method_summary(setup, run), "peak_rss_mb": peak_memory_mb(default_device())}
+    summary["methods"][method] = method_summary(setup, run)
     summary["checkpoints"][method] = run.checkpoints
 
 
@@ -247,13 +269,16 @@ def compare_methods(setup: Setup, hypers: dict[str, dict], seed: int = 0, progre
 
 
 def run_experiment(profile: str | Profile | None, hypers: dict[str, dict], facts_path: str | Path | None = None,
-                   out: str | Path | None = None, seeds: Sequence[int] = (0,), source: str = "given",
+                   out: str | Path | None = None, seeds: Sequence[int] = (0,), tuning: dict | None = None,
                    progress: bool = True) -> dict:
-    """Train every method of `hypers` (method -> TrainConfig fields, e.g. from `tuning.tuned_settings`) on the test
-    facts, once per seed; write the results into `out` after every method and return the summary."""
+    """Train every method of `hypers` (method -> TrainConfig fields) on the test facts, once per seed; write the
+    results into `out` after every method and return the summary. `tuning` (from `tuning.tuned_settings`) says
+    where the settings came from and which tune facts chose them."""
     from .report import write_results
 
     unknown = [m for m in hypers if m not in METHODS]
+    if not hypers:
+        raise ValueError(f"No methods to run: give at least one of {', '.join(METHODS)}.")
     if unknown:
         raise ValueError(f"Unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
     profile, started = get_profile(profile), time.perf_counter()
@@ -264,8 +289,9 @@ def run_experiment(profile: str | Profile | None, hypers: dict[str, dict], facts
         runs.append(new_summary(setup, seed))
         for method, hyper in hypers.items():
             run_method(runs[-1], setup, method, hyper, seed, progress)
-            summary = {**combine_seeds(runs), "hyperparameters_from": source,
-                       "total_seconds": time.perf_counter() - started}
+            summary = {**combine_seeds(runs), "total_seconds": time.perf_counter() - started}
+            summary["hyperparameters_from"] = (tuning or {}).get("source", "given")
+            summary["split"].update({k: (tuning or {}).get(k) for k in ("tune_fact_ids", "tune_known")})
             write_results(summary, out)  # after every method: a long run that is stopped keeps what it finished
         del setup
     return summary
@@ -275,16 +301,22 @@ def combine_seeds(runs: Sequence[dict]) -> dict:
     """One summary from runs on several seeds: each figure the mean over seeds, the runs under `per_seed`."""
     summary = {**runs[0], "seeds": [r["seed"] for r in runs]}
     if len(runs) == 1:
-        return summary
+        return {**summary, "methods": {m: {**v, "per_seed": []} for m, v in summary["methods"].items()}}
     summary["methods"] = {}
     for method in runs[0]["methods"]:
         per_seed = [r["methods"][method] for r in runs if method in r["methods"]]
-        summary["methods"][method] = {**_mean(per_seed), "per_seed": per_seed}
+        matched = [m["at_matched_recall"] for m in per_seed if m["at_matched_recall"]]
+        summary["methods"][method] = {
+            **_mean([{k: v for k, v in m.items() if not k.endswith("_ci95")} for m in per_seed]),
+            "at_matched_recall": {k: v for k, v in _mean(matched).items() if not k.endswith("_std")} if matched
+            else None, "seeds_reaching_target": len(matched), "target_reached": len(matched) == len(per_seed),
+            "per_seed": per_seed}
     return summary
 
 
 def _mean(items: Sequence[dict]) -> dict:
-    """Means of the numbers (and of nested dicts of numbers) shared by all items; other values from the first."""
+    """Means and spreads (`<key>_std`) of the numbers shared by all items, nested dicts of numbers averaged;
+    other values from the first item."""
     out = {}
     for key, value in items[0].items():
         values = [item.get(key) for item in items]

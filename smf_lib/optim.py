@@ -85,8 +85,9 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
     It counts the slots read by forward passes run with gradients enabled (evaluation under `torch.no_grad` is not
     counted), at the positions whose next token the loss trains: where the `labels` given to the model are not
     -100 (as Hugging Face `Trainer` passes them), else every real token; `count_at(mask)` chooses them for the next
-    forward. Counts add up over gradient-accumulation micro-batches until `step()`. Learning-rate schedulers act on
-    `param_groups` as usual. The optimizer hooks into the model; `detach()` removes the hooks.
+    forward. Counts add up over gradient-accumulation micro-batches until `step()`, and are summed over processes
+    (torch.distributed, or `reduce`) so that all select the same rows. Learning-rate schedulers act on `param_groups`
+    as usual. The optimizer freezes everything but the value tables and hooks into the model; `detach()` undoes both.
 
     Example:
         >>> background = prepare_memory(model, tokenizer, load_background()[:300])
@@ -99,6 +100,8 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if score not in SCORES or rule not in ("adam", "sgd"):
             raise ValueError(f"score must be one of {SCORES} and rule 'adam' or 'sgd', got {score!r}, {rule!r}.")
+        if rule == "sgd" and weight_decay:
+            raise ValueError("rule='sgd' has no weight decay; use rule='adam' (decoupled, as AdamW) for it.")
         self.layers = memory_layers(model)
         if not self.layers:
             raise ValueError("Sparse memory finetuning needs a retrofitted model: call retrofit(model) first.")
@@ -107,6 +110,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
             raise ValueError(f"The {score} score needs background statistics of this model's memory layers: "
                              "pass background=collect_background(model, ...) (or prepare_memory's result).")
         tables = [m.values.weight for m in self.layers]
+        self._trainable = [(p, p.requires_grad) for p in model.parameters()]
         for p in model.parameters():
             p.requires_grad_(False)
         for t in tables:
@@ -134,6 +138,8 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         self._chosen = positions.bool()
 
     def _see_batch(self, module, args, kwargs) -> None:
+        if not torch.is_grad_enabled():  # evaluation is not counted, and leaves a pending count_at for training
+            return
         labels, mask = kwargs.get("labels"), kwargs.get("attention_mask")
         if self._chosen is not None:
             self._positions, self._chosen = self._chosen, None
@@ -176,9 +182,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         start = time.perf_counter()
         rows = []
         for m in self.layers:
-            counts = self.counts[m.layer_index]
-            counts = self.reduce(counts) if self.reduce is not None else counts
-            rows.append(select_top(self.scores(m.layer_index, counts), self.top_t))
+            rows.append(select_top(self.scores(m.layer_index, self._summed(self.counts[m.layer_index])), self.top_t))
         self.selection_seconds += time.perf_counter() - start
         group = self.param_groups[0]
         self.rows_optimizer.lr = group["lr"]
@@ -189,18 +193,30 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         self.last_selection_seconds, self.selection_seconds = self.selection_seconds, 0.0
         return loss
 
+    def _summed(self, counts: torch.Tensor) -> torch.Tensor:
+        """This process's counts summed over all processes, so that every process selects the same rows."""
+        if self.reduce is not None:
+            return self.reduce(counts)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts)
+        return counts
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a saved state (row moments included)."""
-        super().load_state_dict(state_dict)  # casts every state tensor to its parameter's dtype
+        super().load_state_dict(state_dict)  # casts every state tensor to its parameter's dtype, indices too
         if isinstance(self.rows_optimizer, RowAdam):
-            for table in self.rows_optimizer.tables:
-                self.state[table]["slot_of"] = self.state[table]["slot_of"].long()
+            for i, table in enumerate(self.rows_optimizer.tables):
+                self.state[table]["slot_of"] = state_dict["state"][i]["slot_of"].to(table.device, torch.long)
             self.rows_optimizer.state = [self.state[t] for t in self.rows_optimizer.tables]
 
     def detach(self) -> None:
-        """Remove the hooks from the model and restore the memory layers' recording flags."""
+        """Remove the hooks from the model; restore the memory layers' recording flags and which parameters
+        required gradients."""
         for hook in self._hooks:
             hook.remove()
         for m, was in zip(self.layers, self._was_recording):
             m.recording, m.last_access = was, None
-        self._hooks = []
+        for p, trainable in self._trainable:
+            p.requires_grad_(trainable)
+        self._hooks, self._trainable = [], []

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data import DATA_DIR
-from .experiment import at_matched_recall, prepare, train_method
+from .experiment import DEFAULT_METHODS, MATCHED_KEYS, at_matched_recall, prepare, train_method
 from .files import write_json
 from .profiles import Profile, get_profile
 from .training import DEFAULT_LR, DENSE_METHODS
@@ -30,12 +30,11 @@ def candidates(profile: Profile, method: str) -> list[dict]:
 
 
 def _row(method: str, hyper: dict, checkpoints: list[dict], steps: int, target: float) -> dict:
+    """A candidate's line of the table: forgetting at matched recall, else at its last checkpoint."""
     matched = at_matched_recall(checkpoints, target)
-    last = checkpoints[-1]
-    where = matched or {k: last[k] for k in ("paraphrase_recall", "ppl_increase_pct", "known_fact_drop_pct")}
+    where = matched or checkpoints[-1]
     return {"method": method, **hyper, "reached": matched is not None, "steps": steps,
-            "fact_recall": last["fact_recall"], **{k: where[k] for k in
-                                                   ("paraphrase_recall", "ppl_increase_pct", "known_fact_drop_pct")}}
+            "fact_recall": checkpoints[-1]["fact_recall"], **{k: where[k] for k in MATCHED_KEYS}}
 
 
 def choose(rows: Sequence[dict]) -> dict:
@@ -46,9 +45,10 @@ def choose(rows: Sequence[dict]) -> dict:
     return max(rows, key=lambda r: (r["fact_recall"], -r["ppl_increase_pct"]))
 
 
-def tune(profile: str | Profile | None = None, methods: Sequence[str] = ("smf_kl", "smf_tfidf", "full_ft", "lora"),
-         out: str | Path | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Try every candidate of every method on the tune split; write the choices and the table they came from."""
+def tune(profile: str | Profile | None = None, methods: Sequence[str] = DEFAULT_METHODS,
+         out: str | Path | bool | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Try every candidate of every method on the tune split; write the choices and the table they came from to
+    `out` (default `data/tuned-<profile>.json`; False: do not write) and return them."""
     profile = get_profile(profile)
     setup = prepare(profile, split="tune", seed=seed, progress=progress)
     target, rows = profile.run.target_recall, []
@@ -74,20 +74,25 @@ def tuned_path(profile: Profile) -> Path:
 
 
 def tuned_settings(profile: Profile, methods: Sequence[str], path: str | Path | None = None,
-                   progress: bool = True) -> tuple[dict[str, dict], str]:
-    """Each method's settings from the tuned file (or tuned now, in memory, when the profile has none); and where
-    they came from."""
+                   progress: bool = True) -> tuple[dict[str, dict], dict]:
+    """Each method's settings from the tuned file (or tuned now, in memory, for the methods it lacks), and where
+    they came from: `{"source", "tune_fact_ids", "tune_known"}`."""
     path = Path(path) if path else tuned_path(profile)
-    if path.exists():
-        chosen = json.loads(path.read_text())["methods"]
-        missing = [m for m in methods if m not in chosen]
-        if not missing:
-            return {m: chosen[m] for m in methods}, str(path)
-        print(f"{path} has no settings for {', '.join(missing)}: tuning them now on the tune split.", file=sys.stderr)
-    else:
-        missing = list(methods)
-        print(f"No tuned settings at {path}: tuning on the tune split first (python -m smf_lib tune).",
-              file=sys.stderr)
-    tuned = tune(profile, missing, out=False, progress=progress)["methods"]
-    chosen = {**(json.loads(path.read_text())["methods"] if path.exists() else {}), **tuned}
-    return {m: chosen[m] for m in methods}, "tuned in this run on the tune split"
+    saved = json.loads(path.read_text()) if path.exists() else {"methods": {}}
+    if path.exists() and (saved.get("profile"), saved.get("target_recall")) != (profile.name,
+                                                                                 profile.run.target_recall):
+        raise ValueError(f"{path} holds settings tuned for profile {saved.get('profile')!r} at recall "
+                         f"{saved.get('target_recall')}, not {profile.name!r} at {profile.run.target_recall}: "
+                         f"run python -m smf_lib tune --profile {profile.name}.")
+    missing = [m for m in methods if m not in saved["methods"]]
+    if not missing:
+        info = {"source": str(path), **{k: saved.get(k) for k in ("tune_fact_ids", "tune_known")}}
+        return {m: saved["methods"][m] for m in methods}, info
+    print(f"No tuned settings for {', '.join(missing)} in {path}: tuning them first on the tune split "
+          f"(python -m smf_lib tune --profile {profile.name}).", file=sys.stderr)
+    tuned = tune(profile, missing, out=False, progress=progress)
+    chosen = {**saved["methods"], **tuned["methods"]}
+    source = "tuned in this run on the tune split" + (f" (the others from {path})" if len(missing) < len(methods)
+                                                      else "")
+    info = {"source": source, "tune_fact_ids": tuned["tune_fact_ids"], "tune_known": tuned["tune_known"]}
+    return {m: chosen[m] for m in methods}, info

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from smf_lib.data import load_background, load_facts, load_known_facts
-from smf_lib.evaluation import complete, contains_answer, known_correct, recall_and_known
+from smf_lib.evaluation import complete, contains_answer, known_correct
 from smf_lib.models import load_base_model
 from smf_lib.pipeline import prepare_memory
 from smf_lib.profiles import get_profile
@@ -28,6 +28,3 @@ def test_smf_kl_teaches_five_new_facts_and_keeps_known_ones():
     # Greedy answers on the edge can flip under any change; most known facts must survive.
     kept = known_correct(model, tokenizer, known)
     assert sum(kept) >= 0.85 * len(known)
-    # One generation over both prompt sets scores the same (batches differ, so allow one answer on the edge).
-    recall, kept_together = recall_and_known(model, tokenizer, facts, known)
-    assert recall == 1.0 and sum(a != b for a, b in zip(kept, kept_together)) <= 1
