@@ -54,3 +54,19 @@ def test_tuning_never_sees_a_test_fact(monkeypatch, tmp_path):
     prompts = [p for p in seen if isinstance(p, str)]
     assert trained and prompts
     assert not test_text & set(trained + prompts) and not test_known & set(prompts)
+
+
+def test_a_target_met_before_training_counts_at_step_zero():
+    points = [_point(0, 0.95, 0.0, 0.0), _point(30, 1.0, 1.0, 2.0)]
+    assert at_matched_recall(points, 0.9)["step"] == 0
+
+
+def test_matched_figures_average_only_the_seeds_that_reached_the_target():
+    reached = {"recall": 0.9, "step": 40.0, "paraphrase_recall": 0.5, "ppl_increase_pct": 1.0,
+               "known_fact_drop_pct": 2.0}
+    runs = [{"seed": s, "methods": {"lora": {"fact_recall": r, "at_matched_recall": m, "lr": 1e-4,
+                                             "ppl_increase_ci95": (0.0, 1.0)}}}
+            for s, r, m in [(0, 0.5, None), (1, 0.95, reached)]]
+    combined = combine_seeds(runs)["methods"]["lora"]
+    assert combined["at_matched_recall"] == reached and combined["seeds_reaching_target"] == 1
+    assert not combined["target_reached"] and "ppl_increase_ci95" not in combined

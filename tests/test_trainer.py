@@ -78,3 +78,15 @@ def test_state_dict_round_trip_keeps_the_row_moments(tiny_ready, tmp_path):
         assert all(torch.equal(ours[k], theirs[k]) for k in ("slot_of", "m", "v", "steps"))
     optimizer.detach()
     restored.detach()
+
+
+def test_detach_restores_what_the_optimizer_changed(tiny_ready):
+    base, _, background = tiny_ready
+    model = copy.deepcopy(base)
+    before = [p.requires_grad for p in model.parameters()]
+    optimizer = SparseMemoryOptimizer(model, background)
+    assert sum(p.requires_grad for p in model.parameters()) == len(memory_layers(model))  # the value tables
+    optimizer.detach()
+    assert [p.requires_grad for p in model.parameters()] == before
+    with pytest.raises(ValueError, match="no weight decay"):
+        SparseMemoryOptimizer(model, background, rule="sgd", weight_decay=0.1)
