@@ -132,21 +132,22 @@ def _check(model: torch.nn.Module, patch: MemoryPatch, expected: dict[int, torch
 
 
 @torch.no_grad()
+def _swap(model: torch.nn.Module, patch: MemoryPatch, old: dict, new: dict, what: str) -> torch.nn.Module:
+    """Check that the patch's rows hold `old`, then write `new` into them."""
+    tables = _check(model, patch, old, what)
+    for i, rows in patch.rows.items():
+        tables[i][rows.to(tables[i].device)] = new[i].to(tables[i])
+    return model
+
+
 def apply_patch(model: torch.nn.Module, patch: MemoryPatch) -> torch.nn.Module:
     """Write the patch's rows into `model`'s memory; its rows must still hold what the patch replaced."""
-    tables = _check(model, patch, patch.before, "apply this patch")
-    for i, rows in patch.rows.items():
-        tables[i][rows.to(tables[i].device)] = patch.values[i].to(tables[i])
-    return model
+    return _swap(model, patch, patch.before, patch.values, "apply this patch")
 
 
-@torch.no_grad()
 def revert_patch(model: torch.nn.Module, patch: MemoryPatch) -> torch.nn.Module:
     """Put back the rows the patch replaced, bit for bit; its rows must still hold the patch's values."""
-    tables = _check(model, patch, patch.values, "revert this patch")
-    for i, rows in patch.rows.items():
-        tables[i][rows.to(tables[i].device)] = patch.before[i].to(tables[i])
-    return model
+    return _swap(model, patch, patch.values, patch.before, "revert this patch")
 
 
 def merge_patches(first: MemoryPatch, second: MemoryPatch,
