@@ -14,7 +14,7 @@ import torch
 
 from .analysis import parameter_changes
 from .data import Fact, KnownFact, load_background, load_facts, load_heldout_text, load_known_facts
-from .evaluation import TextScores, bootstrap_interval, complete, contains_answer, score_texts
+from .evaluation import TextScores, bootstrap_interval, complete, contains_answer, hit_rate, score_texts
 from .models import default_device, load_base_model
 from .pipeline import prepare_memory
 from .profiles import Profile, get_profile
@@ -110,8 +110,8 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, lis
     questions, unchanged = done[: len(heldout)], done[len(heldout):]  # neighbours, then known facts
     known_ok = [contains_answer(c, k.answers()) for c, k in zip(unchanged[len(neighbours):], setup.known)]
     trained = [f.answer for f in facts]
-    scores = {"fact_recall": _share(contains_answer(c, [f.answer]) for c, f in zip(probes, facts)),
-              "paraphrase_recall": _share(contains_answer(c, [a]) for c, (_, a) in zip(questions, heldout))}
+    scores = {"fact_recall": hit_rate(probes, trained),
+              "paraphrase_recall": hit_rate(questions, [a for _, a in heldout])}
     if full:  # neither a neighbour nor a known-fact prompt may now give a trained answer
         starts = itertools.accumulate((len(f.heldout) for f in facts), initial=0)
         sampled = [start + i % len(f.heldout) for i, (start, f) in enumerate(zip(starts, facts))]  # as at checkpoints
