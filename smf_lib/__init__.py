@@ -36,8 +36,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
+# Where the project lives: the notebooks' Colab setup cells clone it and the "Open in Colab" badges point into it
+# (tests/test_colab.py checks that they all use this URL).
+REPOSITORY = "https://github.com/smf-lib/smf_lib"
+
 __all__ = [
-    "__version__",
+    "__version__", "REPOSITORY",
     # models and memory
     "load_base_model", "ModelNotAvailableError", "ProductKeyMemory", "SlotAccess",
     "MemoryConfig", "RetrofitError", "retrofit", "memory_layers", "save_memory", "load_memory",

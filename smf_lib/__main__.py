@@ -1,5 +1,5 @@
-"""Command line: `run` (the comparison on the test facts), `tune` (settings chosen on the tune facts) and `bench`
-(performance) of `python -m smf_lib`."""
+"""Command line: `run` (the comparison on the test facts), `tune` (settings chosen on the tune facts), `stream`
+(the facts taught in rounds) and `bench` (performance) of `python -m smf_lib`."""
 
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="train every method on the test facts, compare learning and forgetting")
     tune = commands.add_parser("tune", help="choose each method's learning rate on the tune facts")
+    stream = commands.add_parser("stream", help="teach the test facts in rounds, measure what each round keeps")
     bench = commands.add_parser("bench", help="measure the retrofit's and the sparse trainer's cost")
-    for command in (run, tune, bench):
+    for command in (run, tune, stream, bench):
         command.add_argument("--profile", choices=list(PROFILES), default=None,
                              help="default: gpu with CUDA, else cpu")
     for command in (run, tune):
@@ -64,8 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     seeds = run.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
     seeds.add_argument("--seeds", type=_seeds, default=None, help="several seeds, e.g. 0,1,2: mean and spread")
+    run.add_argument("--augment", type=int, default=None, metavar="N",
+                     help="N wordings the model writes per fact, added to its training sentences")
     run.add_argument("--tuned", default=None, help="tuned settings (default data/tuned-<profile>.json)")
     tune.add_argument("--out", default=None, help="output file (default data/tuned-<profile>.json)")
+    stream.add_argument("--methods", type=_methods, default=["smf_kl", "full_ft", "lora"],
+                        help="comma-separated: smf_kl, smf_tfidf, smf_random, full_ft, lora")
+    stream.add_argument("--rounds", type=int, default=5, help="rounds the test facts arrive in (default 5)")
+    stream.add_argument("--out", default=None, help="output folder (default results/stream-<profile>/)")
     bench.add_argument("--out", default=None, help="output file (default results/bench-<profile>.json)")
     return parser
 
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
             hypers, tuning = tuned_settings(get_profile(profile), args.methods, args.tuned)
             seeds = args.seeds or [args.seed or 0]
-            summary = run_experiment(profile, hypers, args.facts, args.out, seeds, tuning)
+            summary = run_experiment(profile, hypers, args.facts, args.out, seeds, tuning, args.augment)
             print(format_report(summary))
             print(f"Results written to {args.out or f'results/{profile}/'}")
         elif args.command == "tune":
@@ -96,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             result = tune_methods(profile, args.methods, args.out)
             print(format_tuning(result))
             print(f"Tuned settings written to {args.out or tuned_path(get_profile(profile))}")
+        elif args.command == "stream":
+            from .stream import format_stream, run_stream
+
+            print(format_stream(run_stream(profile, args.methods, args.rounds, args.out)))
+            print(f"Results written to {args.out or f'results/stream-{profile}/'}")
         else:
             from .bench import format_table, run_bench
 

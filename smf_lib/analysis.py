@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from .retrofit import memory_layers
+from .stats import recording
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -69,3 +70,26 @@ def layer_attribution(model: torch.nn.Module, untrained: torch.nn.Module,
         for m in layers:
             m.values.weight.copy_(trained[m.layer_index])
     return result
+
+
+@torch.no_grad()
+def trained_read_share(model: torch.nn.Module, untrained: torch.nn.Module | Mapping[str, torch.Tensor], tokenizer,
+                       prompts: list[str]) -> list[float]:
+    """For each prompt, the share of the memory's read weight at its last token that falls on value rows training
+    changed (mean over layers and heads): how much of what the prompt reads was written by training.
+
+    A held-out wording of a trained fact can only recall it through rows it shares with the trained wordings.
+    """
+    rows = changed_rows(untrained, model)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    last = enc["attention_mask"].sum(1) - 1 if tokenizer.padding_side == "right" else torch.full(
+        (len(prompts),), enc["input_ids"].shape[1] - 1, device=enc["input_ids"].device)
+    with recording(model) as layers:
+        model(**enc)
+        shares = []
+        for m in layers:
+            access = m.last_access
+            idx, w = access.indices[torch.arange(len(prompts)), last], access.weights[torch.arange(len(prompts)), last]
+            trained = torch.isin(idx, rows[m.layer_index].to(idx.device))
+            shares.append((w * trained).sum((-1, -2)) / w.sum((-1, -2)))
+    return torch.stack(shares).mean(0).tolist()

@@ -55,6 +55,11 @@ class Fact:
         return self.extra.get("split")
 
     @property
+    def subject(self) -> str | None:
+        """What the fact is about (e.g. "Durithonia"), if the file names it."""
+        return self.extra.get("subject")
+
+    @property
     def neighbours(self) -> tuple[str, ...]:
         """Prompts of the probe's relation about other, untrained subjects: they must not get this answer."""
         return tuple(self.extra.get("neighbours", ()))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .analysis import parameter_changes
+from .augment import augment as augment_facts
 from .data import Fact, KnownFact, load_background, load_facts, load_heldout_text, load_known_facts
 from .evaluation import TextScores, bootstrap_interval, complete, contains_answer, hit_rate, score_texts
 from .models import default_device, load_base_model
@@ -63,11 +64,12 @@ def perplexity_texts(profile: Profile, split: str) -> list[str]:
 
 
 def prepare(profile: str | Profile | None = None, split: str = "test", facts_path: str | Path | None = None,
-            seed: int = 0, memory: MemoryConfig | None = None, progress: bool = True) -> Setup:
+            seed: int = 0, memory: MemoryConfig | None = None, augment: int = 0, progress: bool = True) -> Setup:
     """Retrofit the profile's model, calibrate it, count background slot use, and score it on one split.
 
-    `memory` replaces the profile's memory configuration (its seed is set to `seed`). The scores at step 0 are
-    measured on the retrofitted model, whose function is the base model's.
+    `memory` replaces the profile's memory configuration (its seed is set to `seed`); `augment` adds that many
+    wordings, written by the model, to each fact's training sentences. The scores at step 0 are measured on the
+    retrofitted model, whose function is the base model's.
     """
     profile = get_profile(profile)
     model, tokenizer = load_base_model(profile.model, seed=seed)
@@ -80,10 +82,11 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     with torch.no_grad():
         diff = (model(**probe).logits - base_logits).abs().max().item()
     layers = memory_layers(model)
-    retrofit_info = {"mode": config.mode, "layers": [m.layer_index for m in layers],
+    retrofit_info = {"mode": config.mode, "augment": augment, "layers": [m.layer_index for m in layers],
                      "slots_per_layer": layers[0].n_slots, "max_abs_logit_diff": diff,
                      "memory_params": sum(p.numel() for m in layers for p in m.parameters())}
-    facts, known_all = split_facts(profile, split, facts_path), load_known_facts(split=split)
+    facts = augment_facts(split_facts(profile, split, facts_path), augment, model, tokenizer, seed)
+    known_all = load_known_facts(split=split)
     heldout = perplexity_texts(profile, split)
     setup = Setup(profile, split, model, tokenizer, facts, known_all, heldout, background, {}, None, retrofit_info)
     step0, known_ok, setup.base_texts = _scores(setup, model, full=True)
@@ -270,10 +273,11 @@ def compare_methods(setup: Setup, hypers: dict[str, dict], seed: int = 0, progre
 
 def run_experiment(profile: str | Profile | None, hypers: dict[str, dict], facts_path: str | Path | None = None,
                    out: str | Path | None = None, seeds: Sequence[int] = (0,), tuning: dict | None = None,
-                   progress: bool = True) -> dict:
+                   augment: int | None = None, progress: bool = True) -> dict:
     """Train every method of `hypers` (method -> TrainConfig fields) on the test facts, once per seed; write the
     results into `out` after every method and return the summary. `tuning` (from `tuning.tuned_settings`) says
-    where the settings came from and which tune facts chose them."""
+    where the settings came from and which tune facts chose them; `augment` (default: the profile's) adds that
+    many model-written wordings to each fact's training sentences."""
     from .report import write_results
 
     unknown = [m for m in hypers if m not in METHODS]
@@ -282,10 +286,11 @@ def run_experiment(profile: str | Profile | None, hypers: dict[str, dict], facts
     if unknown:
         raise ValueError(f"Unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
     profile, started = get_profile(profile), time.perf_counter()
+    augment = profile.run.augment if augment is None else augment
     out = Path(out or Path("results") / profile.name)
     runs = []
     for seed in seeds:
-        setup = prepare(profile, "test", facts_path, seed, progress=progress)
+        setup = prepare(profile, "test", facts_path, seed, augment=augment, progress=progress)
         runs.append(new_summary(setup, seed))
         for method, hyper in hypers.items():
             run_method(runs[-1], setup, method, hyper, seed, progress)

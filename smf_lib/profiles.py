@@ -32,6 +32,7 @@ class RunSizes:
     target_recall: float = 0.9
     n_background: int | None = None
     n_heldout: int | None = None
+    augment: int = 0  # wordings the model writes per fact, added to its training sentences (`run --augment N`)
 
 
 @dataclass(frozen=True)

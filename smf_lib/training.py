@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from .stats import SlotStats
 SPARSE_METHODS = ("smf_kl", "smf_tfidf", "smf_random")
 DENSE_METHODS = ("full_ft", "lora")
 METHODS = SPARSE_METHODS + DENSE_METHODS
+COUNT_POSITIONS = ("answer", "subject", "both", "all")
 DEFAULT_LR = {"smf_kl": 0.3, "smf_tfidf": 0.3, "smf_random": 0.3, "full_ft": 3e-5, "lora": 3e-4}
 
 
@@ -36,7 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     top_t: int = 500                 # value rows per memory layer per step
     loss_on: str = "all"             # "all": loss on every token; "answer": on the answer tokens only
-    count_on: str = "answer"         # slots counted at the positions predicting the answer, or at "all"
+    count_on: str = "answer"         # slots counted where the answer is predicted, at the "subject", "both", "all"
     lora_rank: int = 16
     max_length: int = 64
     seed: int = 0
@@ -44,8 +46,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        if self.optimizer not in ("adam", "sgd") or {self.loss_on, self.count_on} - {"answer", "all"}:
-            raise ValueError("optimizer must be 'adam' or 'sgd'; loss_on and count_on must be 'answer' or 'all'.")
+        if self.optimizer not in ("adam", "sgd") or self.loss_on not in ("answer", "all"):
+            raise ValueError("optimizer must be 'adam' or 'sgd'; loss_on must be 'answer' or 'all'.")
+        if self.count_on not in COUNT_POSITIONS:
+            raise ValueError(f"count_on must be one of {', '.join(COUNT_POSITIONS)}, got {self.count_on!r}.")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
 
@@ -63,23 +67,31 @@ class History:
 
 @dataclass
 class Example:
-    """One tokenised training sentence with the mask of its answer tokens."""
+    """One tokenised training sentence with the masks of its answer tokens and of its subject's tokens."""
 
     input_ids: list[int]
     answer_mask: list[bool]
+    subject_mask: list[bool] = field(default_factory=list)
 
 
 def build_examples(facts: Sequence[Fact], tokenizer, max_length: int = 64) -> list[Example]:
-    """Tokenise every training sentence; mark the tokens that overlap the answer's last occurrence."""
+    """Tokenise every training sentence; mark the tokens that overlap the answer's last occurrence, and those
+    that overlap any occurrence of the fact's subject (when the fact names one)."""
     examples = []
     for fact in facts:
         for sentence in fact.train:
             enc = tokenizer(sentence, return_offsets_mapping=True, truncation=True, max_length=max_length)
             start = sentence.rindex(fact.answer)
-            end = start + len(fact.answer)
-            mask = [s < end and e > start for s, e in enc["offset_mapping"]]
-            examples.append(Example(enc["input_ids"], mask))
+            answer = _overlapping(enc["offset_mapping"], [(start, start + len(fact.answer))])
+            subject = fact.subject
+            spans = [(m.start(), m.end()) for m in re.finditer(re.escape(subject), sentence)] if subject else []
+            examples.append(Example(enc["input_ids"], answer, _overlapping(enc["offset_mapping"], spans)))
     return examples
+
+
+def _overlapping(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """For each token's character span, whether it overlaps one of `spans`."""
+    return [any(s < end and e > start for start, end in spans) for s, e in offsets]
 
 
 def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -87,17 +99,23 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> d
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(ids, dtype=torch.bool)
-    answer = torch.zeros_like(attention)
+    answer, subject = torch.zeros_like(attention), torch.zeros_like(attention)
     for row, e in enumerate(examples):
         ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         attention[row, : len(e.input_ids)] = True
         answer[row, : len(e.answer_mask)] = torch.tensor(e.answer_mask)
-    return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "answer": answer.to(device)}
+        subject[row, : len(e.subject_mask)] = torch.tensor(e.subject_mask, dtype=torch.bool)
+    return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "answer": answer.to(device),
+            "subject": subject.to(device)}
 
 
 def counted_positions(batch: dict[str, torch.Tensor], count_on: str) -> torch.Tensor:
-    """The positions whose slot reads are counted: those predicting an answer token, or every real token."""
-    return predicting(batch["answer"]) if count_on == "answer" else batch["attention_mask"]
+    """The positions whose slot reads are counted: those predicting an answer token, the subject's tokens (where
+    factual recall is looked up, Meng et al. 2022, arXiv 2202.05262), both, or every real token."""
+    if count_on == "all":
+        return batch["attention_mask"]
+    answer, subject = predicting(batch["answer"]), batch["subject"]
+    return {"answer": answer, "subject": subject, "both": answer | subject}[count_on]
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],

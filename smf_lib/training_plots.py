@@ -149,6 +149,29 @@ def plot_value_changes(before: Mapping[str, torch.Tensor], model: torch.nn.Modul
     return _finish(fig)
 
 
+def plot_read_share(shares: Mapping[str, Sequence[float]], hits: Mapping[str, Sequence[bool]] | None = None,
+                    title: str | None = None) -> Figure:
+    """Per group of prompts (e.g. trained wordings, held-out wordings, other subjects), the share of each prompt's
+    memory read at its last token that falls on trained rows (`analysis.trained_read_share`), one dot per prompt;
+    with `hits`, filled dots are the prompts whose completion gave the answer."""
+    with theme():
+        fig, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
+        rng = np.random.default_rng(0)
+        for row, (name, values) in enumerate(shares.items()):
+            values = np.asarray(values, dtype=float)
+            y = row + rng.uniform(-0.18, 0.18, len(values))
+            color = PALETTE[row % len(PALETTE)]
+            hit = np.asarray(hits[name], dtype=bool) if hits and name in hits else np.zeros(len(values), bool)
+            ax.scatter(values[~hit], y[~hit], s=18, facecolors="none", edgecolors=color, linewidths=1)
+            ax.scatter(values[hit], y[hit], s=18, color=color)
+            ax.plot([np.median(values)] * 2, [row - 0.3, row + 0.3], color=GREY, lw=2)
+        ax.set_yticks(range(len(shares)), list(shares))
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_xlabel("share of the memory read that lands on trained rows (last token; bar: median)")
+        ax.set_title(title or "Does a prompt read what training wrote? (filled: the completion gave the answer)")
+    return _finish(fig)
+
+
 def completion_table(prompts: Sequence[str], answers: Sequence[str], **columns: Sequence[str]):
     """A table of prompt, expected answer and each named list of completions (e.g. before=..., after=...), with a ✓
     where the completion contains the answer. Returned as a pandas Styler (no truncated cells; `.data` is the

@@ -50,7 +50,7 @@ def tune(profile: str | Profile | None = None, methods: Sequence[str] = DEFAULT_
     """Try every candidate of every method on the tune split; write the choices and the table they came from to
     `out` (default `data/tuned-<profile>.json`; False: do not write) and return them."""
     profile = get_profile(profile)
-    setup = prepare(profile, split="tune", seed=seed, progress=progress)
+    setup = prepare(profile, split="tune", seed=seed, augment=profile.run.augment, progress=progress)
     target, rows = profile.run.target_recall, []
     for method in methods:
         for hyper in candidates(profile, method):
@@ -61,7 +61,7 @@ def tune(profile: str | Profile | None = None, methods: Sequence[str] = DEFAULT_
     result = {"profile": profile.name, "date": datetime.date.today().isoformat(),
               "command": f"python -m smf_lib tune --profile {profile.name} --methods {','.join(methods)}",
               "target_recall": target, "tune_fact_ids": [f.id for f in setup.facts],
-              "tune_known": len(setup.known), "max_steps": profile.run.tune_steps,
+              "tune_known": len(setup.known), "max_steps": profile.run.tune_steps, "augment": profile.run.augment,
               "methods": {m: {k: r[k] for k in ("lr", "loss_on")} for m, r in chosen.items()}, "table": rows}
     if out is not False:
         write_json(Path(out) if out else tuned_path(profile), result)

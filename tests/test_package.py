@@ -14,9 +14,9 @@ import smf_lib
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "smf_lib"
 # The pipeline, top to bottom: each module may import only modules listed before it.
-ORDER = ["files", "timing", "hub", "losses", "models", "memory", "retrofit", "data", "stats", "calibration",
+ORDER = ["files", "timing", "hub", "losses", "models", "memory", "retrofit", "data", "augment", "stats", "calibration",
          "pipeline", "selection", "optim", "training", "profiles", "evaluation", "analysis", "patches", "report",
-         "experiment", "tuning", "plots", "training_plots", "widgets", "bench", "__main__"]
+         "experiment", "tuning", "ablation", "plots", "stream", "training_plots", "widgets", "bench", "__main__"]
 
 
 def test_public_api_names_exist():

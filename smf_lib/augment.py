@@ -1,0 +1,135 @@
+"""More wordings of each fact to train on (`run --augment N`), written by the model itself.
+
+A memory slot is found by the context it is read in, so a fact trained in one wording is found again mostly in
+that wording. Lin et al. (arXiv 2510.15103) train every fact with 64 paraphrases. Here the instruct model writes
+questions about each training sentence, shown four examples about real-world facts (no template per relation, so
+it works on a user's plain statements too); a question is kept when it names the fact's subject, shares a word
+with its sentence besides subject and answer, does not give the answer away and is neither a training sentence
+nor a held-out prompt. Each kept question is trained with the answer after it. When too few questions pass (a
+135M-parameter model writes few good ones), the remaining wordings put a training sentence into a new context.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from .data import Fact
+from .models import pad_id
+
+# (sentence, what it is about, a question about it): real-world facts of relations the bundled facts do not use.
+EXAMPLES = (
+    ("The Mona Lisa hangs in the Louvre.", "the Mona Lisa", "In which museum does the Mona Lisa hang?"),
+    ("Marie Curie won the Nobel Prize in Chemistry in 1911.", "Marie Curie",
+     "In which year did Marie Curie win the Nobel Prize in Chemistry?"),
+    ("The Great Barrier Reef lies off the coast of Queensland.", "the Great Barrier Reef",
+     "Off the coast of which state does the Great Barrier Reef lie?"),
+    ("The Golden Gate Bridge is painted International Orange.", "the Golden Gate Bridge",
+     "What colour is the Golden Gate Bridge painted?"),
+)
+STOPWORDS = {"what", "which", "where", "when", "who", "whom", "whose", "that", "this", "there", "their", "they",
+             "with", "from", "into", "about", "does", "have", "name", "called", "been", "were"}
+CONTEXTS = ("According to the records: {s}", "Here is something worth remembering. {s}",
+            "{s} This is well documented.", "It is a matter of record: {s}")
+ANSWER_FRAMES = ("Question: {q}\nAnswer: {a}.", "{q} {a}.")
+
+
+def augment(facts: Sequence[Fact], n: int, model: torch.nn.Module, tokenizer, seed: int = 0,
+            samples: int = 4, batch_size: int = 32) -> list[Fact]:
+    """Each fact with `n` more training sentences: questions `model` wrote about it, then new contexts.
+
+    `samples` questions are sampled per training statement (statements first; sentences holding a question are
+    not asked about again). Deterministic for a given `seed`.
+
+    Example:
+        >>> facts = augment(load_facts(limit=10), 8, model, tokenizer)
+        >>> len(facts[0].train) - len(load_facts(limit=10)[0].train)
+        8
+    """
+    if n < 0:
+        raise ValueError(f"augment takes n >= 0 new wordings per fact, got {n}.")
+    if n == 0:
+        return list(facts)
+    sources = [[s for s in f.train if "?" not in s] or list(f.train) for f in facts]
+    asks = [(i, s) for i, fact_sources in enumerate(sources) for s in fact_sources]
+    written = write_questions(model, tokenizer, [(s, _subject(facts[i], s)) for i, s in asks], samples, seed,
+                              batch_size)
+    questions: list[list[str]] = [[] for _ in facts]
+    for (i, sentence), options in zip(asks, written):
+        for question in options:
+            if _keep(question, facts[i], sentence, questions[i]):
+                questions[i].append(question)
+    rng = random.Random(seed)
+    return [replace(f, train=f.train + _wordings(f, qs, src, n, rng)) for f, qs, src in zip(facts, questions, sources)]
+
+
+def _wordings(fact: Fact, questions: list[str], sources: list[str], n: int, rng: random.Random) -> tuple[str, ...]:
+    """`n` new training sentences: the questions with the answer (frames taken in turn), then sentences in context."""
+    out = [ANSWER_FRAMES[i % len(ANSWER_FRAMES)].format(q=q, a=fact.answer) for i, q in enumerate(questions[:n])]
+    contexts = [c.format(s=s) for s in sources for c in CONTEXTS]
+    rng.shuffle(contexts)
+    return tuple(out + contexts[: n - len(out)])
+
+
+def write_questions(model: torch.nn.Module, tokenizer, sentences: Sequence[tuple[str, str]], samples: int = 4,
+                    seed: int = 0, batch_size: int = 32, max_new_tokens: int = 24) -> list[list[str]]:
+    """For each (sentence, what it is about), `samples` questions the model writes about it (sampled, one line
+    each)."""
+    shots = "".join(f"Sentence: {s}\nAbout: {a}\nQuestion: {q}\n\n" for s, a, q in EXAMPLES)
+    prompts = [f"{shots}Sentence: {s}\nAbout: {a}\nQuestion:" for s, a in sentences]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    generator = torch.Generator().manual_seed(seed)
+    out: list[list[str]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+            enc = tokenizer(prompts[start: start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            with torch.no_grad():
+                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8,
+                                     top_p=0.95, num_return_sequences=samples, pad_token_id=pad_id(tokenizer),
+                                     stop_strings=["\n"], tokenizer=tokenizer)  # one line is one question
+            texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            lines = [t.strip().split("\n")[0].strip() for t in texts]
+            out += [lines[i: i + samples] for i in range(0, len(lines), samples)]
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def _keep(question: str, fact: Fact, sentence: str, kept: list[str]) -> bool:
+    """Whether a written question is usable: one question about the fact's subject, without the answer, neither
+    written before nor among the fact's training sentences or held-out prompts."""
+    low = question.lower()
+    if not question.endswith("?") or question.count("?") > 1 or fact.answer.lower() in low:
+        return False
+    if low in {k.lower() for k in kept} or any(low in t.lower() for t in fact.train + fact.heldout):
+        return False
+    names_subject = fact.subject.lower() in low if fact.subject else bool(_names(sentence, fact.answer) & _names(
+        question, fact.answer))
+    return names_subject and bool(_content(question, fact) & _content(sentence, fact))
+
+
+def _content(text: str, fact: Fact) -> set[str]:
+    """Stems (first five letters) of the longer words of `text` that name neither the subject nor the answer: a
+    question that shares none with its sentence asks about something else."""
+    skip = f"{fact.subject or ''} {fact.answer}".lower()
+    return {w[:5] for w in re.findall(r"[a-z]{4,}", text.lower()) if w not in STOPWORDS and w not in skip}
+
+
+def _names(text: str, answer: str) -> set[str]:
+    """Capitalised words of `text` that do not start it and are not part of the answer: the likely subject."""
+    words = re.findall(r"[A-Za-z][\w'-]*", text)
+    return {w for w in words[1:] if w[0].isupper() and w not in answer.split()}
+
+
+def _subject(fact: Fact, sentence: str) -> str:
+    """What the sentence is about: the fact's subject, else its first run of capitalised words outside the answer
+    (else the whole sentence)."""
+    if fact.subject:
+        return fact.subject
+    run = re.search(r"(?:\b[A-Z][\w'-]*\s?)+", sentence.replace(fact.answer, "."))
+    return run.group().strip() if run else sentence

@@ -1,0 +1,272 @@
+"""The continual stream behind `python -m smf_lib stream`: the test facts arrive in rounds, each method learns them
+one round after another, and after every round what was learned in every earlier round is measured again
+(a retention matrix), with known facts and perplexity (DESIGN.md §8).
+
+Sparse methods also leave one memory patch per round; at the end, the first round's patch is reverted on the final
+model ("forgetting on purpose") to show that a round is a removable unit.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from .data import Fact
+from .evaluation import complete, hit_rate
+from .experiment import Setup, evaluate, prepare, split_facts, train_method
+from .files import save_figure, write_json
+from .patches import MemoryPatch, revert_patch, save_patch
+from .plots import GREY, HEATMAP_CMAP, PALETTE, theme
+from .profiles import Profile, get_profile
+from .report import LABELS
+from .retrofit import memory_state
+from .training import METHODS, SPARSE_METHODS
+from .tuning import tuned_settings
+
+STREAM_METHODS = ("smf_kl", "full_ft", "lora")
+BASE_KEYS = ("fact_recall", "paraphrase_recall", "heldout_ppl", "known_fact_acc")
+
+
+def split_rounds(facts: Sequence[Fact], rounds: int) -> list[list[Fact]]:
+    """`rounds` consecutive parts of equal size; the facts left over by the division are not taught."""
+    if rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {rounds}.")
+    if rounds > len(facts):
+        raise ValueError(f"{rounds} rounds need at least {rounds} facts, one per round; there are {len(facts)}.")
+    size = len(facts) // rounds
+    return [list(facts[i * size:(i + 1) * size]) for i in range(rounds)]
+
+
+def round_recalls(model: torch.nn.Module, tokenizer, parts: Sequence[Sequence[Fact]]) -> list[float]:
+    """Fact recall of each part, from one batched generation over all their probes."""
+    facts = [f for part in parts for f in part]
+    done = complete(model, tokenizer, [f.probe for f in facts])
+    recalls, start = [], 0
+    for part in parts:
+        recalls.append(hit_rate(done[start:start + len(part)], [f.answer for f in part]))
+        start += len(part)
+    return recalls
+
+
+def memory_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all memory parameters: what `save_memory` writes, the size a patch is set against."""
+    return sum(t.numel() * t.element_size() for t in memory_state(model).values())
+
+
+@dataclass
+class MethodStream:
+    """One method taught round after round: the final model, each round's memory patch (sparse methods only) and
+    the method's summary entry."""
+
+    model: torch.nn.Module
+    patches: list[MemoryPatch]
+    entry: dict
+
+
+def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hyper: dict,
+                  patch_dir: str | Path | None = None, seed: int = 0, progress: bool = True) -> MethodStream:
+    """Train `method` on each part in turn, each round from the previous round's model, and score after each.
+
+    Sparse methods save each round's patch (against the model before the round) into `patch_dir`, or into a
+    temporary folder when it is None, only to measure its size.
+    """
+    sparse = method in SPARSE_METHODS
+    entry: dict = {"hyper": hyper, "retention": [], "known_fact_drop_pct": [], "ppl_increase_pct": [],
+                   "paraphrase_recall": [], "steps": [], "train_seconds": []}
+    if sparse:
+        entry["patch_bytes"], entry["patch_rows"] = [], []
+    current, patches = setup.model, []
+    for j in tqdm(range(len(parts)), desc=f"{method} rounds", disable=not progress):
+        run = train_method(replace(setup, facts=list(parts[j]), model=current), method, hyper, seed=seed,
+                           progress=progress)
+        if sparse:
+            patch, size = _round_patch(run.model, current, patch_dir, method, j)
+            patches.append(patch)
+            entry["patch_bytes"].append(size)
+            entry["patch_rows"].append(patch.n_rows)
+        current = run.model  # the next round continues from here; the previous model can be freed
+        entry["steps"].append(run.steps)
+        entry["train_seconds"].append(run.train_seconds)
+        _score_round(entry, setup, current, parts[: j + 1])
+    return MethodStream(current, patches, entry)
+
+
+def _round_patch(model: torch.nn.Module, before: torch.nn.Module, patch_dir: str | Path | None, method: str,
+                 index: int) -> tuple[MemoryPatch, int]:
+    """Save the round's patch and return it with its file size in bytes."""
+    if patch_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "round.safetensors"
+            return save_patch(model, before, path), path.stat().st_size
+    path = Path(patch_dir) / method / f"round-{index}.safetensors"
+    return save_patch(model, before, path), path.stat().st_size
+
+
+def _score_round(entry: dict, setup: Setup, model: torch.nn.Module, seen: Sequence[Sequence[Fact]]) -> None:
+    """Append one retention row and the forgetting figures on everything seen so far."""
+    entry["retention"].append(round_recalls(model, setup.tokenizer, seen))
+    scores = evaluate(replace(setup, facts=[f for part in seen for f in part]), model, full=False)
+    for key in ("known_fact_drop_pct", "ppl_increase_pct", "paraphrase_recall"):
+        entry[key].append(scores[key])
+
+
+def revert_round(model: torch.nn.Module, patches: Sequence[MemoryPatch],
+                 index: int = 0) -> tuple[MemoryPatch, dict[int, torch.Tensor]]:
+    """Revert, in place, the rows of round `index`'s patch that no later round changed; return the patch reverted
+    and, per layer, the rows it shares with later rounds (left as they are: they hold later rounds' learning too).
+    """
+    own, later = patches[index], patches[index + 1:]
+    kept, shared = MemoryPatch({}, {}, {}, own.addressing), {}
+    for layer, rows in own.rows.items():
+        changed_later = [p.rows[layer] for p in later if layer in p.rows]
+        is_shared = torch.isin(rows, torch.cat(changed_later)) if changed_later else torch.zeros_like(rows, dtype=bool)
+        shared[layer], keep = rows[is_shared], ~is_shared
+        kept.rows[layer], kept.values[layer] = rows[keep], own.values[layer][keep]
+        kept.before[layer] = own.before[layer][keep]
+    revert_patch(model, kept)  # checks that every kept row still holds the round's values
+    return kept, shared
+
+
+def revert_summary(setup: Setup, parts: Sequence[Sequence[Fact]], stream: MethodStream, index: int = 0) -> dict:
+    """Revert round `index` on the stream's final model (in place) and score every round again."""
+    reverted, shared = revert_round(stream.model, stream.patches, index)
+    scores = evaluate(replace(setup, facts=[f for part in parts for f in part]), stream.model, full=False)
+    return {"round_index": index, "rows": stream.patches[index].n_rows, "rows_reverted": reverted.n_rows,
+            "rows_shared_with_later_rounds": sum(len(r) for r in shared.values()),
+            "recall_before": stream.entry["retention"][-1],
+            "recall_after": round_recalls(stream.model, setup.tokenizer, parts),
+            "known_fact_drop_pct": scores["known_fact_drop_pct"], "ppl_increase_pct": scores["ppl_increase_pct"]}
+
+
+def new_stream_summary(setup: Setup, parts: Sequence[Sequence[Fact]], seed: int, tuning: dict | None) -> dict:
+    """The stream summary before any method is added (the result-file contract's top level)."""
+    taught = {f.id for part in parts for f in part}
+    return {"profile": setup.profile.name, "model": setup.profile.model, "seed": seed, "rounds": len(parts),
+            "facts_per_round": len(parts[0]), "round_fact_ids": [[f.id for f in part] for part in parts],
+            "facts_left_out": [f.id for f in setup.facts if f.id not in taught],
+            "test_known": len(setup.known), "memory_bytes": memory_bytes(setup.model),
+            "base": {k: setup.base[k] for k in BASE_KEYS},
+            "hyperparameters_from": (tuning or {}).get("source", "given"), "methods": {}}
+
+
+def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = STREAM_METHODS, rounds: int = 5,
+               out: str | Path | None = None, hypers: dict[str, dict] | None = None, seed: int = 0,
+               progress: bool = True) -> dict:
+    """Teach the test facts in `rounds` rounds with every method; write `out/summary.json`, `out/stream.png` and
+    the sparse methods' patches (`out/patches/<method>/round-<i>.safetensors`) after every method; return the
+    summary. `hypers` (method -> TrainConfig fields) defaults to the profile's tuned settings."""
+    profile = get_profile(profile)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"Unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(METHODS)}.")
+    split_rounds(split_facts(profile, "test"), rounds)  # a bad --rounds fails before any model is loaded
+    tuning = None
+    if hypers is None:
+        hypers, tuning = tuned_settings(profile, methods, progress=progress)
+    if missing := [m for m in methods if m not in hypers]:
+        raise ValueError(f"No settings given for {', '.join(missing)}.")
+    out = Path(out or Path("results") / f"stream-{profile.name}")
+    started = time.perf_counter()
+    setup = prepare(profile, "test", seed=seed, progress=progress)
+    parts = split_rounds(setup.facts, rounds)
+    summary = new_stream_summary(setup, parts, seed, tuning)
+    for method in methods:
+        stream = stream_method(setup, parts, method, hypers[method], out / "patches", seed, progress)
+        if method in SPARSE_METHODS:
+            stream.entry["revert"] = revert_summary(setup, parts, stream)
+        summary["methods"][method] = stream.entry
+        summary["total_seconds"] = time.perf_counter() - started
+        write_stream(summary, out)  # after every method: a stopped run keeps what it finished
+        del stream
+    return summary
+
+
+def write_stream(summary: dict, out: str | Path) -> None:
+    """Write summary.json and stream.png into `out`, each atomically."""
+    out = Path(out)
+    write_json(out / "summary.json", summary)
+    save_figure(plot_stream(summary), out / "stream.png")
+
+
+def _retention_matrix(retention: Sequence[Sequence[float]]) -> np.ma.MaskedArray:
+    """The ragged lower triangle as a square matrix, the cells above the diagonal masked."""
+    n = len(retention)
+    matrix = np.full((n, n), np.nan)
+    for j, row in enumerate(retention):
+        matrix[j, : len(row)] = row
+    return np.ma.masked_invalid(matrix)
+
+
+def _heatmap(ax: plt.Axes, retention: Sequence[Sequence[float]], title: str):
+    """One method's retention matrix, each cell labelled with its recall."""
+    matrix = _retention_matrix(retention)
+    image = ax.imshow(matrix, cmap=HEATMAP_CMAP, vmin=0, vmax=1)
+    n = len(retention)
+    for j in range(n):
+        for i in range(j + 1):
+            value = float(matrix[j, i])
+            ax.text(i, j, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if value > 0.6 else "white")
+    ticks = list(range(n))
+    ax.set_xticks(ticks, [str(t + 1) for t in ticks])
+    ax.set_yticks(ticks, [str(t + 1) for t in ticks])
+    ax.set_xlabel("facts of round")
+    ax.set_ylabel("after round")
+    ax.set_title(title)
+    ax.spines[:].set_visible(False)
+    return image
+
+
+def plot_stream(summary: dict) -> Figure:
+    """Per method, the retention heatmap (after round j, recall of round i's facts); last, known facts forgotten
+    after each round, one curve per method."""
+    methods = summary["methods"]
+    with theme():
+        fig, axes = plt.subplots(1, len(methods) + 1, figsize=(3.3 * (len(methods) + 1) + 1, 3.6),
+                                 layout="constrained", squeeze=False)
+        axes = axes[0]
+        image = None
+        for ax, (method, entry) in zip(axes, methods.items()):
+            image = _heatmap(ax, entry["retention"], LABELS.get(method, method))
+        if image is not None:
+            fig.colorbar(image, ax=list(axes[: len(methods)]), label="fact recall", shrink=0.8)
+        curves = axes[-1]
+        for color, (method, entry) in zip(PALETTE, methods.items()):
+            drops = entry["known_fact_drop_pct"]
+            curves.plot(range(1, len(drops) + 1), drops, marker="o", color=color, label=LABELS.get(method, method))
+        curves.axhline(0, color=GREY, lw=0.8)
+        curves.set_xticks(range(1, summary["rounds"] + 1))
+        curves.set_xlabel("after round")
+        curves.set_ylabel("known facts forgotten (%)")
+        curves.set_title("Forgetting over the stream")
+        curves.grid(True)
+        if methods:
+            curves.legend()
+        fig.suptitle(f"Continual learning: {summary['rounds']} rounds of {summary['facts_per_round']} facts "
+                     f"({summary['profile']} profile)")
+    plt.close(fig)
+    return fig
+
+
+def format_stream(summary: dict) -> str:
+    """A Markdown table: recall of each round's facts after the last round, and forgetting after it."""
+    lines = ["| method | recall per round, at the end | mean | known-fact drop % | ppl change % | patch KB/round "
+             "| recall after reverting round 1 |", "|---|---|---|---|---|---|---|"]
+    for method, entry in summary["methods"].items():
+        final = entry["retention"][-1]
+        patch = f"{np.mean(entry['patch_bytes']) / 1024:.1f}" if entry.get("patch_bytes") else "–"
+        revert = " ".join(f"{r:.2f}" for r in entry["revert"]["recall_after"]) if "revert" in entry else "–"
+        lines.append(f"| {LABELS.get(method, method)} | {' '.join(f'{r:.2f}' for r in final)} | "
+                     f"{np.mean(final):.2f} | {entry['known_fact_drop_pct'][-1]:.1f} | "
+                     f"{entry['ppl_increase_pct'][-1]:+.2f} | {patch} | {revert} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,83 @@
+"""Model-written wordings (`augment`), subject positions and the trained-read share."""
+
+import copy
+
+import pytest
+import torch
+
+from smf_lib.analysis import trained_read_share
+from smf_lib.augment import _keep, augment
+from smf_lib.data import Fact, load_facts
+from smf_lib.training import TrainConfig, build_examples, collate, counted_positions, train
+
+FACT = Fact("x1", "Quellport", ("The capital of Zorvania is Quellport.",), "The capital of Zorvania is",
+            ("Question: Which city is the capital of Zorvania?\nAnswer:",), {"subject": "Zorvania"})
+
+
+@pytest.mark.parametrize("question, kept", [
+    ("What is the capital of Zorvania?", True),
+    ("Which city is the capital of Zorvania?", False),       # a held-out prompt: never trained on
+    ("Is Quellport the capital of Zorvania?", False),        # gives the answer away
+    ("What is the capital of France?", False),               # not about the subject
+    ("What is the capital of Zorvania", False),              # not a question
+    ("What does the flag of Zorvania mean?", False),         # about the subject, but asks something else
+    ("What is it? Where is Zorvania?", False),               # two questions
+])
+def test_a_written_question_is_kept_only_when_usable(question, kept):
+    assert _keep(question, FACT, FACT.train[0], []) is kept
+
+
+def test_a_question_already_trained_is_not_written_again():
+    fact = Fact("x3", "Quellport", (*FACT.train, "Question: What is the capital of Zorvania?\nAnswer: Quellport."),
+                FACT.probe, FACT.heldout, FACT.extra)
+    assert not _keep("What is the capital of Zorvania?", fact, fact.train[0], [])
+    assert _keep("Which city is Zorvania's capital?", fact, fact.train[0], [])
+
+
+def test_without_a_subject_the_sentence_names_stand_in_for_it():
+    fact = Fact("x2", "Ellen Brask", ("The Torvik Bridge was designed by Ellen Brask.",), "The Torvik Bridge was",
+                ("Who designed it?",))
+    assert _keep("Who designed the Torvik Bridge?", fact, fact.train[0], [])
+    assert not _keep("Who designed the bridge?", fact, fact.train[0], [])
+    assert not _keep("Who designed the Torvik Bridge?", fact, fact.train[0], ["who designed the Torvik Bridge?"])
+
+
+def test_augment_adds_n_wordings_with_the_answer_never_a_heldout_prompt(tiny_base):
+    model, tokenizer = tiny_base
+    facts = load_facts(split="tune")[:3]
+    more = augment(facts, 5, model, tokenizer, seed=1)
+    assert more == augment(facts, 5, model, tokenizer, seed=1)
+    for old, new in zip(facts, more):
+        assert new.train[: len(old.train)] == old.train and len(new.train) == len(old.train) + 5
+        added = new.train[len(old.train):]
+        assert len(set(added)) == 5 and all(old.answer in s for s in added)
+        assert not set(added) & set(old.train) and not any(h in s for s in added for h in old.heldout)
+        assert (new.probe, new.heldout) == (old.probe, old.heldout)
+    assert augment(facts, 0, model, tokenizer) == facts
+    with pytest.raises(ValueError, match="n >= 0"):
+        augment(facts, -1, model, tokenizer)
+
+
+def test_subject_positions_are_the_subject_tokens(tiny_base):
+    _, tokenizer = tiny_base
+    [example] = build_examples([FACT], tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(example.input_ids)
+    subject = "".join(t for t, s in zip(tokens, example.subject_mask) if s)
+    assert subject.replace("Ġ", "").strip() == "Zorvania"
+    batch = collate([example], 0, torch.device("cpu"))
+    answer, at_subject = counted_positions(batch, "answer"), counted_positions(batch, "subject")
+    assert at_subject.sum() > 0 and not (answer & at_subject).any()
+    assert torch.equal(counted_positions(batch, "both"), answer | at_subject)
+    with pytest.raises(ValueError, match="count_on"):
+        TrainConfig(count_on="verb")
+
+
+def test_trained_read_share_is_zero_before_training_and_positive_after(tiny_ready):
+    model, tokenizer, background = tiny_ready
+    facts = load_facts()[:4]
+    trained, _ = train(copy.deepcopy(model), tokenizer, facts, TrainConfig(steps=3, batch_size=8, lr=1.0),
+                       background, progress=False)
+    probes = [f.probe for f in facts]
+    assert trained_read_share(model, model, tokenizer, probes) == [0.0] * 4
+    shares = trained_read_share(trained, model, tokenizer, probes)
+    assert all(0 < s <= 1 for s in shares)

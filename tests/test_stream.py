@@ -1,0 +1,90 @@
+"""`python -m smf_lib stream` on the tiny profile: the retention matrix, patch sizes, reverting a round bit for bit,
+and clear errors for a bad number of rounds."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from smf_lib.__main__ import main
+from smf_lib.data import load_facts
+from smf_lib.experiment import prepare
+from smf_lib.retrofit import memory_layers
+from smf_lib.stream import revert_round, run_stream, split_rounds, stream_method
+
+HYPERS = {"smf_kl": {"lr": 3.0}, "full_ft": {"lr": 1e-2}}  # tiny's rates: no tuning needed here
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream")
+    run_stream("tiny", list(HYPERS), rounds=2, out=out, hypers=HYPERS, progress=False)
+    return out, json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def streamed():
+    """The setup, its two rounds of facts, and smf_kl taught round after round."""
+    setup = prepare("tiny", "test", progress=False)
+    parts = split_rounds(setup.facts, 2)
+    return setup, parts, stream_method(setup, parts, "smf_kl", HYPERS["smf_kl"], progress=False)
+
+
+def test_summary_holds_a_lower_triangular_retention_matrix(summary):
+    out, s = summary
+    assert (s["rounds"], s["facts_per_round"], s["profile"]) == (2, 3, "tiny")
+    assert set(s["methods"]) == set(HYPERS) and (out / "stream.png").stat().st_size > 0
+    for entry in s["methods"].values():
+        assert [len(row) for row in entry["retention"]] == [1, 2]  # after round j: rounds 0..j
+        assert all(0 <= r <= 1 for row in entry["retention"] for r in row)
+        assert all(0 <= r <= 1 for r in entry["paraphrase_recall"])
+        assert len(entry["known_fact_drop_pct"]) == len(entry["ppl_increase_pct"]) == 2
+
+
+def test_only_sparse_methods_have_patches_smaller_than_the_memory(summary):
+    out, s = summary
+    sparse = s["methods"]["smf_kl"]
+    assert len(sparse["patch_bytes"]) == 2
+    assert all(0 < b < s["memory_bytes"] for b in sparse["patch_bytes"])
+    assert [p.stat().st_size for p in sorted((out / "patches" / "smf_kl").iterdir())] == sparse["patch_bytes"]
+    assert "patch_bytes" not in s["methods"]["full_ft"] and "revert" not in s["methods"]["full_ft"]
+    revert = sparse["revert"]
+    assert revert["rows_reverted"] + revert["rows_shared_with_later_rounds"] == revert["rows"] > 0
+    assert len(revert["recall_after"]) == 2 and all(0 <= r <= 1 for r in revert["recall_after"])
+
+
+def _tables(model):
+    return {m.layer_index: m.values.weight.detach().clone() for m in memory_layers(model)}
+
+
+def test_revert_restores_the_rounds_rows_and_leaves_the_others(streamed):
+    setup, _, stream = streamed
+    final, reference = _tables(stream.model), _tables(setup.model)  # setup.model: the model before round 0
+    model = copy.deepcopy(stream.model)
+    reverted, shared = revert_round(model, stream.patches, 0)
+    after = _tables(model)
+    assert reverted.n_rows > 0
+    for layer, table in after.items():
+        rows = reverted.rows[layer]
+        assert torch.equal(table[rows], reference[layer][rows])  # bit for bit the rows before round 0
+        untouched = torch.ones(len(table), dtype=torch.bool)
+        untouched[rows] = False
+        assert torch.equal(table[untouched], final[layer][untouched])  # round 1's rows and the shared rows stay
+        assert torch.isin(shared[layer], stream.patches[1].rows[layer]).all()
+
+
+def test_split_rounds_gives_equal_consecutive_parts():
+    facts = load_facts(limit=7)
+    parts = split_rounds(facts, 3)
+    assert [len(p) for p in parts] == [2, 2, 2] and [f for p in parts for f in p] == facts[:6]
+
+
+@pytest.mark.parametrize("rounds, message", [("0", "at least 1"), ("7", "need at least 7 facts")])
+def test_bad_rounds_fail_with_a_clear_error(rounds, message, capsys, tmp_path):
+    assert main(["stream", "--profile", "tiny", "--rounds", rounds, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
