@@ -127,9 +127,5 @@ def _names(text: str, answer: str) -> set[str]:
 
 
 def _subject(fact: Fact, sentence: str) -> str:
-    """What the sentence is about: the fact's subject, else its first run of capitalised words outside the answer
-    (else the whole sentence)."""
-    if fact.subject:
-        return fact.subject
-    run = re.search(r"(?:\b[A-Z][\w'-]*\s?)+", sentence.replace(fact.answer, "."))
-    return run.group().strip() if run else sentence
+    """What the sentence is about: the fact's subject (given or guessed from its probe), else the sentence."""
+    return fact.subject or sentence

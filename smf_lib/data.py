@@ -56,8 +56,9 @@ class Fact:
 
     @property
     def subject(self) -> str | None:
-        """What the fact is about (e.g. "Durithonia"), if the file names it."""
-        return self.extra.get("subject")
+        """What the fact is about (e.g. "Durithonia"): the file's `subject`, else a guess from the probe (its first
+        run of capitalised words, less a leading article), else None."""
+        return self.extra.get("subject") or guess_subject(self.probe)
 
     @property
     def neighbours(self) -> tuple[str, ...]:
@@ -68,6 +69,23 @@ class Fact:
     def heldout_formats(self) -> tuple[str, ...]:
         """The format of each held-out prompt ("question", "qa", "statement", "fill_in"), if given."""
         return tuple(self.extra.get("heldout_formats", ()))
+
+
+# Capitalised words that start sentences, questions and prompt frames rather than name anything.
+_NOT_NAMES = {"The", "A", "An", "In", "On", "At", "Of", "It", "Its", "This", "That", "There", "Their", "His", "Her",
+              "Question", "Answer", "Q", "Who", "What", "Which", "Where", "When", "Why", "How"}
+
+
+def guess_subject(prompt: str) -> str | None:
+    """The first run of capitalised words in `prompt`, less the articles, question words and frame labels that
+    start it (None if nothing is left): "The Banasis harp was invented by" -> "Banasis"."""
+    for run in re.finditer(r"\b[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)*", prompt):
+        words = run.group().split()
+        while words and words[0] in _NOT_NAMES:
+            words = words[1:]
+        if words:
+            return " ".join(words)
+    return None
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
 
     Example:
         >>> background = prepare_memory(model, tokenizer, load_background()[:300])
-        >>> optimizer = SparseMemoryOptimizer(model, background, lr=0.3, top_t=500)
+        >>> optimizer = SparseMemoryOptimizer(model, background, lr=1.0, top_t=500)
         >>> Trainer(model, args, train_dataset=dataset, optimizers=(optimizer, None)).train()
     """
 

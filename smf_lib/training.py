@@ -23,7 +23,7 @@ SPARSE_METHODS = ("smf_kl", "smf_tfidf", "smf_random")
 DENSE_METHODS = ("full_ft", "lora")
 METHODS = SPARSE_METHODS + DENSE_METHODS
 COUNT_POSITIONS = ("answer", "subject", "both", "all")
-DEFAULT_LR = {"smf_kl": 0.3, "smf_tfidf": 0.3, "smf_random": 0.3, "full_ft": 3e-5, "lora": 3e-4}
+DEFAULT_LR = {"smf_kl": 1.0, "smf_tfidf": 1.0, "smf_random": 1.0, "full_ft": 3e-5, "lora": 3e-4}
 
 
 @dataclass
@@ -111,10 +111,12 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> d
 
 def counted_positions(batch: dict[str, torch.Tensor], count_on: str) -> torch.Tensor:
     """The positions whose slot reads are counted: those predicting an answer token, the subject's tokens (where
-    factual recall is looked up, Meng et al. 2022, arXiv 2202.05262), both, or every real token."""
+    factual recall is looked up, Meng et al. 2022, arXiv 2202.05262; a sentence that does not name the subject
+    counts at its answer instead), both, or every real token."""
     if count_on == "all":
         return batch["attention_mask"]
     answer, subject = predicting(batch["answer"]), batch["subject"]
+    subject = subject | (answer & ~subject.any(dim=1, keepdim=True))  # a sentence without its subject: the answer
     return {"answer": answer, "subject": subject, "both": answer | subject}[count_on]
 
 

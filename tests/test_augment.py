@@ -35,8 +35,9 @@ def test_a_question_already_trained_is_not_written_again():
 
 
 def test_without_a_subject_the_sentence_names_stand_in_for_it():
-    fact = Fact("x2", "Ellen Brask", ("The Torvik Bridge was designed by Ellen Brask.",), "The Torvik Bridge was",
+    fact = Fact("x2", "Ellen Brask", ("the Torvik Bridge was designed by Ellen Brask.",), "it was designed by",
                 ("Who designed it?",))
+    assert fact.subject is None
     assert _keep("Who designed the Torvik Bridge?", fact, fact.train[0], [])
     assert not _keep("Who designed the bridge?", fact, fact.train[0], [])
     assert not _keep("Who designed the Torvik Bridge?", fact, fact.train[0], ["who designed the Torvik Bridge?"])
@@ -68,6 +69,11 @@ def test_subject_positions_are_the_subject_tokens(tiny_base):
     answer, at_subject = counted_positions(batch, "answer"), counted_positions(batch, "subject")
     assert at_subject.sum() > 0 and not (answer & at_subject).any()
     assert torch.equal(counted_positions(batch, "both"), answer | at_subject)
+    unnamed = Fact("x4", "Quellport", ("it is Quellport.",), "it is", ("Where?",))
+    assert unnamed.subject is None
+    [example] = build_examples([unnamed], tokenizer)
+    batch = collate([example], 0, torch.device("cpu"))
+    assert torch.equal(counted_positions(batch, "subject"), counted_positions(batch, "answer"))
     with pytest.raises(ValueError, match="count_on"):
         TrainConfig(count_on="verb")
 
@@ -81,3 +87,14 @@ def test_trained_read_share_is_zero_before_training_and_positive_after(tiny_read
     assert trained_read_share(model, model, tokenizer, probes) == [0.0] * 4
     shares = trained_read_share(trained, model, tokenizer, probes)
     assert all(0 < s <= 1 for s in shares)
+
+
+@pytest.mark.parametrize("prompt, subject", [
+    ("The Banasis harp was invented by", "Banasis"),
+    ("Grado Textiles was founded by", "Grado Textiles"),
+    ("In 1712, the town of Grufodale was", "Grufodale"),
+    ("Question: Who founded Grado Textiles?\nAnswer:", "Grado Textiles"),
+    ("the river is", None),
+])
+def test_a_subject_is_guessed_from_the_probe_when_the_file_has_none(prompt, subject):
+    assert Fact("x", "a", ("a",), prompt, ()).subject == subject
