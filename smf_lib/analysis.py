@@ -81,9 +81,12 @@ def trained_read_share(model: torch.nn.Module, untrained: torch.nn.Module | Mapp
     A held-out wording of a trained fact can only recall it through rows it shares with the trained wordings.
     """
     rows = changed_rows(untrained, model)
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
-    last = enc["attention_mask"].sum(1) - 1 if tokenizer.padding_side == "right" else torch.full(
-        (len(prompts),), enc["input_ids"].shape[1] - 1, device=enc["input_ids"].device)
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # positions as in training: no left offset
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    finally:
+        tokenizer.padding_side = side
+    last = enc["attention_mask"].sum(1) - 1
     with recording(model) as layers:
         model(**enc)
         shares = []

@@ -95,7 +95,7 @@ def _overlapping(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, 
 
 
 def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: token ids, the attention mask and the mask of answer tokens, on `device`."""
+    """Right-pad a batch: token ids, the attention mask and the masks of answer and subject tokens, on `device`."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(ids, dtype=torch.bool)
