@@ -57,6 +57,14 @@ def round_recalls(model: torch.nn.Module, tokenizer, parts: Sequence[Sequence[Fa
     return recalls
 
 
+def backward_transfer(retention: Sequence[Sequence[float]]) -> float:
+    """Mean change in each earlier round's recall from right after its round to the end (Lopez-Paz & Ranzato,
+    arXiv 1706.08840): 0 keeps everything, negative forgets; 0 for a single round."""
+    final = retention[-1]
+    earlier = [final[i] - retention[i][i] for i in range(len(retention) - 1)]
+    return float(np.mean(earlier)) if earlier else 0.0
+
+
 def memory_bytes(model: torch.nn.Module) -> int:
     """Bytes of all memory parameters: what `save_memory` writes, the size a patch is set against."""
     return sum(t.numel() * t.element_size() for t in memory_state(model).values())
@@ -260,13 +268,13 @@ def plot_stream(summary: dict) -> Figure:
 
 def format_stream(summary: dict) -> str:
     """A Markdown table: recall of each round's facts after the last round, and forgetting after it."""
-    lines = ["| method | recall per round, at the end | mean | known-fact drop % | ppl change % | patch KB/round "
-             "| recall after reverting round 1 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | recall per round, at the end | mean | backward transfer | known-fact drop % | ppl change % "
+             "| patch KB/round | recall after reverting round 1 |", "|---|---|---|---|---|---|---|---|"]
     for method, entry in summary["methods"].items():
-        final = entry["retention"][-1]
+        final, transfer = entry["retention"][-1], backward_transfer(entry["retention"])
         patch = f"{np.mean(entry['patch_bytes']) / 1024:.1f}" if entry.get("patch_bytes") else "–"
         revert = " ".join(f"{r:.2f}" for r in entry["revert"]["recall_after"]) if "revert" in entry else "–"
         lines.append(f"| {LABELS.get(method, method)} | {' '.join(f'{r:.2f}' for r in final)} | "
-                     f"{np.mean(final):.2f} | {entry['known_fact_drop_pct'][-1]:.1f} | "
+                     f"{np.mean(final):.2f} | {transfer:+.2f} | {entry['known_fact_drop_pct'][-1]:.1f} | "
                      f"{entry['ppl_increase_pct'][-1]:+.2f} | {patch} | {revert} |")
     return "\n".join(lines) + "\n"

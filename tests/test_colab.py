@@ -179,9 +179,11 @@ def test_settings_cell_profile_and_fast_are_editable(path, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("where", ["notebooks", "notebooks/deeper", "."])
-def test_notebook_04_finds_saved_results_from_the_project_root(where, tmp_path, monkeypatch):
+@pytest.mark.parametrize("notebook, saved", [("04_measuring_forgetting.ipynb", "tiny"),
+                                             ("05_continual_learning.ipynb", "stream-tiny")])
+def test_notebooks_find_saved_results_from_the_project_root(notebook, saved, where, tmp_path, monkeypatch):
     project = tmp_path / "checkout"
-    summary = project / "results" / "tiny" / "summary.json"
+    summary = project / "results" / saved / "summary.json"
     summary.parent.mkdir(parents=True)
     summary.write_text("{}")
     (project / "pyproject.toml").write_text('[project]\nname = "smf_lib"\n')
@@ -190,5 +192,5 @@ def test_notebook_04_finds_saved_results_from_the_project_root(where, tmp_path, 
     monkeypatch.setenv("SMF_PROFILE", "tiny")
     monkeypatch.setenv("SMF_FAST", "1")
     namespace = {}
-    exec(settings_cell(ROOT / "notebooks" / "04_measuring_forgetting.ipynb"), namespace)
+    exec(settings_cell(ROOT / "notebooks" / notebook), namespace)
     assert namespace["ROOT"] == project and namespace["SAVED"] == summary

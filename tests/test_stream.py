@@ -11,7 +11,7 @@ from smf_lib.__main__ import main
 from smf_lib.data import load_facts
 from smf_lib.experiment import prepare
 from smf_lib.retrofit import memory_layers
-from smf_lib.stream import revert_round, run_stream, split_rounds, stream_method
+from smf_lib.stream import backward_transfer, format_stream, revert_round, run_stream, split_rounds, stream_method
 
 HYPERS = {"smf_kl": {"lr": 3.0}, "full_ft": {"lr": 1e-2}}  # tiny's rates: no tuning needed here
 
@@ -42,6 +42,8 @@ def test_summary_holds_a_lower_triangular_retention_matrix(summary):
         assert all(0 <= r <= 1 for row in entry["retention"] for r in row)
         assert all(0 <= r <= 1 for r in entry["paraphrase_recall"])
         assert len(entry["known_fact_drop_pct"]) == len(entry["ppl_increase_pct"]) == 2
+    rows = format_stream(s).splitlines()[2:]
+    assert len(rows) == 2 and all(row.count("|") == 9 for row in rows)
 
 
 def test_only_sparse_methods_have_patches_smaller_than_the_memory(summary):
@@ -74,6 +76,12 @@ def test_revert_restores_the_rounds_rows_and_leaves_the_others(streamed):
         untouched[rows] = False
         assert torch.equal(table[untouched], final[layer][untouched])  # round 1's rows and the shared rows stay
         assert torch.isin(shared[layer], stream.patches[1].rows[layer]).all()
+
+
+def test_backward_transfer_is_the_mean_change_of_earlier_rounds():
+    retention = [[0.9], [0.6, 1.0], [0.3, 0.8, 0.9]]  # after round j: recall of rounds 0..j
+    assert backward_transfer(retention) == pytest.approx(((0.3 - 0.9) + (0.8 - 1.0)) / 2)
+    assert backward_transfer([[0.7]]) == 0.0
 
 
 def test_split_rounds_gives_equal_consecutive_parts():
