@@ -84,10 +84,13 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
                   patch_dir: str | Path | None = None, seed: int = 0, progress: bool = True) -> MethodStream:
     """Train `method` on each part in turn, each round from the previous round's model, and score after each.
 
-    Sparse methods save each round's patch (against the model before the round) into `patch_dir`, or into a
-    temporary folder when it is None, only to measure its size.
+    A round stops at the profile's target recall on its own facts, checked every third of the profile's
+    checkpoint interval; everything else is measured once, after the round. Sparse methods save each round's
+    patch (against the model before the round) into `patch_dir`, or into a temporary folder when it is None, only
+    to measure its size.
     """
     sparse = method in SPARSE_METHODS
+    eval_every = max(setup.profile.run.eval_every // 3, 1)  # checkpoints measure recall only: they can be frequent
     entry: dict = {"hyper": hyper, "retention": [], "known_fact_drop_pct": [], "ppl_increase_pct": [],
                    "paraphrase_recall": [], "steps": [], "train_seconds": []}
     if sparse:
@@ -95,7 +98,7 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     current, patches = setup.model, []
     for j in tqdm(range(len(parts)), desc=f"{method} rounds", disable=not progress):
         run = train_method(replace(setup, facts=list(parts[j]), model=current), method, hyper, seed=seed,
-                           progress=progress)
+                           eval_every=eval_every, progress=progress, recall_only=True)
         if sparse:
             patch, size = _round_patch(run.model, current, patch_dir, method, j)
             patches.append(patch)

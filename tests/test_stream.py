@@ -9,7 +9,7 @@ import torch
 
 from smf_lib.__main__ import main
 from smf_lib.data import load_facts
-from smf_lib.experiment import prepare
+from smf_lib.experiment import prepare, train_method
 from smf_lib.retrofit import memory_layers
 from smf_lib.stream import backward_transfer, format_stream, revert_round, run_stream, split_rounds, stream_method
 
@@ -76,6 +76,14 @@ def test_revert_restores_the_rounds_rows_and_leaves_the_others(streamed):
         untouched[rows] = False
         assert torch.equal(table[untouched], final[layer][untouched])  # round 1's rows and the shared rows stay
         assert torch.isin(shared[layer], stream.patches[1].rows[layer]).all()
+
+
+def test_rounds_stop_on_recall_checks_alone(streamed):
+    setup, parts, _ = streamed
+    run = train_method(setup, "smf_kl", HYPERS["smf_kl"], max_steps=4, eval_every=2, recall_only=True,
+                       progress=False)
+    assert [set(c) for c in run.checkpoints[1:]] == [{"step", "fact_recall"}] * 2  # no forgetting figures
+    assert [c["step"] for c in run.checkpoints] == [0, 2, 4]
 
 
 def test_backward_transfer_is_the_mean_change_of_earlier_rounds():
