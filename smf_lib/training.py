@@ -22,7 +22,7 @@ from .stats import SlotStats
 SPARSE_METHODS = ("smf_kl", "smf_tfidf", "smf_random")
 DENSE_METHODS = ("full_ft", "lora")
 METHODS = SPARSE_METHODS + DENSE_METHODS
-COUNT_POSITIONS = ("answer", "subject", "both", "all")
+COUNT_POSITIONS = ("answer", "subject", "entities", "both", "all")
 DEFAULT_LR = {"smf_kl": 1.0, "smf_tfidf": 1.0, "smf_random": 1.0, "full_ft": 3e-5, "lora": 3e-4}
 
 
@@ -38,7 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     top_t: int = 500                 # value rows per memory layer per step
     loss_on: str = "all"             # "all": loss on every token; "answer": on the answer tokens only
-    count_on: str = "answer"         # slots counted where the answer is predicted, at the "subject", "both", "all"
+    count_on: str = "answer"         # slots counted where the answer is predicted; see counted_positions
     lora_rank: int = 16
     max_length: int = 64
     seed: int = 0
@@ -112,12 +112,14 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> d
 def counted_positions(batch: dict[str, torch.Tensor], count_on: str) -> torch.Tensor:
     """The positions whose slot reads are counted: those predicting an answer token, the subject's tokens (where
     factual recall is looked up, Meng et al. 2022, arXiv 2202.05262; a sentence that does not name the subject
-    counts at its answer instead), both, or every real token."""
+    counts at its answer instead), the "entities" (the subject and the answer's own tokens that predict its next
+    one, so that no row is keyed on the words before the answer), both, or every real token."""
     if count_on == "all":
         return batch["attention_mask"]
     answer, subject = predicting(batch["answer"]), batch["subject"]
     subject = subject | (answer & ~subject.any(dim=1, keepdim=True))  # a sentence without its subject: the answer
-    return {"answer": answer, "subject": subject, "both": answer | subject}[count_on]
+    inside = answer & batch["answer"]  # within the answer: "Grathine" predicting "Pomirnard"
+    return {"answer": answer, "subject": subject, "entities": subject | inside, "both": answer | subject}[count_on]
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],

@@ -69,6 +69,10 @@ def test_subject_positions_are_the_subject_tokens(tiny_base):
     answer, at_subject = counted_positions(batch, "answer"), counted_positions(batch, "subject")
     assert at_subject.sum() > 0 and not (answer & at_subject).any()
     assert torch.equal(counted_positions(batch, "both"), answer | at_subject)
+    entities = counted_positions(batch, "entities")  # the subject, and the answer's tokens that predict the next
+    assert (answer & batch["answer"]).any() and (entities & at_subject).any()  # "Quellport" is several tokens
+    assert torch.equal(entities & ~at_subject, answer & batch["answer"])
+    assert not entities[answer & ~batch["answer"]].any()  # never the word before the answer
     unnamed = Fact("x4", "Quellport", ("it is Quellport.",), "it is", ("Where?",))
     assert unnamed.subject is None
     [example] = build_examples([unnamed], tokenizer)
