@@ -78,6 +78,16 @@ class RowAdam:
 SCORES = ("kl", "tfidf", "random")
 
 
+def slot_scores(score: str, counts: torch.Tensor, background: SlotStats | None, layer: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One layer's slot scores for a batch's counts: "kl" or "tfidf" against `background`, or "random"."""
+    if score == "kl":
+        return kl_scores(counts, background.counts[layer].to(counts.device))
+    if score == "tfidf":
+        return tfidf_scores(counts, background.doc_freq[layer].to(counts.device), background.n_batches)
+    return random_scores(counts.cpu(), generator).to(counts.device)
+
+
 class SparseMemoryOptimizer(torch.optim.Optimizer):
     """Sparse memory finetuning as an optimizer: each step updates only the top-t value rows of every memory
     layer, the slots this batch read most surprisingly often compared with background text.
@@ -162,12 +172,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
 
     def scores(self, layer: int, counts: torch.Tensor) -> torch.Tensor:
         """This optimizer's slot scores for one layer's batch counts."""
-        if self.score == "kl":
-            return kl_scores(counts, self.background.counts[layer].to(counts.device))
-        if self.score == "tfidf":
-            bg = self.background
-            return tfidf_scores(counts, bg.doc_freq[layer].to(counts.device), bg.n_batches)
-        return random_scores(counts.cpu(), self.generator).to(counts.device)
+        return slot_scores(self.score, counts, self.background, layer, self.generator)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
