@@ -14,7 +14,7 @@ NBMAKE_TIMEOUT ?= 1800
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: all $(VENV) run test test-fast lint bench lab clean distclean
+.PHONY: all $(VENV) run test test-fast lint bench figures lab clean distclean
 
 all: test
 
@@ -49,6 +49,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m smf_lib bench $(ARGS)
+
+# The key figures redrawn from results/ (run, stream, ablations) into docs/figures/, for readers who run nothing.
+figures: $(STAMP)
+	$(VPY) -m smf_lib.figures $(ARGS)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

@@ -15,10 +15,15 @@ import ast
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from .experiment import method_summary, prepare, train_method
 from .files import write_json
+from .plots import GREY, theme
 from .profiles import get_profile
 from .retrofit import MemoryConfig
 from .training import SPARSE_METHODS, TrainConfig
@@ -56,6 +61,35 @@ def run_variant(profile: str, memory: dict, train: dict, method: str = "smf_kl",
     return {"profile": profile_.name, "method": method, "seed": seed, "memory": memory, "train": train,
             "augment": augment, "n_facts": len(setup.facts), "base": setup.base, **summary,
             "checkpoints": run.checkpoints, "total_seconds": time.perf_counter() - started}
+
+
+def load_variants(folder: str | Path) -> dict[str, dict]:
+    """Every variant's result in `folder` (`results/ablation/<profile>/`), by name, oldest first."""
+    paths = sorted(Path(folder).glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return {p.stem: json.loads(p.read_text()) for p in paths}
+
+
+def plot_ablations(variants: dict[str, dict], names: Sequence[str] | None = None) -> Figure:
+    """Per variant, held-out recall at the end against known facts forgotten (left) and against answer bleed
+    (right); a hollow marker is a variant that missed the recall target within the budget."""
+    with theme():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+        for name in names or list(variants):
+            r = variants[name]
+            reached = r.get("at_matched_recall") is not None
+            for ax, key in zip(axes, ("known_fact_drop_pct", "answer_bleed_pct")):
+                ax.scatter(r[key], r["paraphrase_recall"], s=40, edgecolors="C0",
+                           facecolors="C0" if reached else "none")
+                ax.annotate(name, (r[key], r["paraphrase_recall"]), xytext=(4, 3), textcoords="offset points",
+                            fontsize=7, color=GREY)
+        for ax, label in zip(axes, ("known facts forgotten (%)", "answer bleed (% of unchanged prompts)")):
+            ax.set_xlabel(label + "  →  worse")
+            ax.set_ylabel("held-out recall (all formats)")
+            ax.set_ylim(-0.02, 1.0)
+            ax.grid(True)
+        fig.suptitle("Sparse memory variants on the tune split (upper left is better; hollow: target not reached)")
+    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:
