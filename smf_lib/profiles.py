@@ -63,7 +63,7 @@ class Profile:
 
 
 # Three rates over a factor of 10 for every method, chosen on the tune split by `python -m smf_lib tune`.
-LR_GRID = {"smf_kl": (0.3, 1.0, 3.0), "smf_tfidf": (0.3, 1.0, 3.0), "full_ft": (1e-5, 3e-5, 1e-4),
+LR_GRID = {"smf_kl": (1.0, 3.0, 10.0), "smf_tfidf": (1.0, 3.0, 10.0), "full_ft": (1e-5, 3e-5, 1e-4),
            "lora": (1e-4, 3e-4, 1e-3)}
 
 PROFILES: dict[str, Profile] = {

@@ -23,7 +23,7 @@ SPARSE_METHODS = ("smf_kl", "smf_tfidf", "smf_random")
 DENSE_METHODS = ("full_ft", "lora")
 METHODS = SPARSE_METHODS + DENSE_METHODS
 COUNT_POSITIONS = ("answer", "subject", "entities", "both", "all")
-DEFAULT_LR = {"smf_kl": 1.0, "smf_tfidf": 1.0, "smf_random": 1.0, "full_ft": 3e-5, "lora": 3e-4}
+DEFAULT_LR = {"smf_kl": 3.0, "smf_tfidf": 3.0, "smf_random": 3.0, "full_ft": 3e-5, "lora": 3e-4}
 
 
 @dataclass
@@ -38,7 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     top_t: int = 500                 # value rows per memory layer per step
     loss_on: str = "all"             # "all": loss on every token; "answer": on the answer tokens only
-    count_on: str = "answer"         # slots counted where the answer is predicted; see counted_positions
+    count_on: str = "entities"       # slots counted at the subject and inside the answer; see counted_positions
     lora_rank: int = 16
     max_length: int = 64
     seed: int = 0

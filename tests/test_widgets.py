@@ -15,11 +15,12 @@ from smf_lib.data import load_facts, load_known_facts
 from smf_lib.evaluation import complete
 from smf_lib.models import pad_id
 from smf_lib.plots import token_labels
+from smf_lib.reads import parameters_of
 from smf_lib.retrofit import memory_layers
 from smf_lib.selection import kl_scores
 from smf_lib.stats import recording
 from smf_lib.training import TrainConfig, build_examples, collate, counted_positions, make_optimizer, train, train_step
-from smf_lib.widgets import SlotInspector, parameters_of
+from smf_lib.widgets import SlotInspector
 
 TOL = 1e-6  # reads this close to the threshold may fall either side of it, between a batch and a lone forward
 
@@ -112,7 +113,7 @@ def test_counting_follows_the_config(tiny_ready, facts):
 def test_chips_are_the_tokens_underlined_where_counted(inspector, facts):
     tokenizer = inspector.tokenizer
     batch = collate(build_examples(facts[:2], tokenizer), pad_id(tokenizer), torch.device("cpu"))
-    counted = counted_positions(batch, "answer")
+    counted = counted_positions(batch, inspector.config.count_on)
     for j, sentence in enumerate(s for f in facts[:2] for s in f.train):
         inspector.sentence.value = j
         ids = tokenizer(sentence)["input_ids"]
