@@ -15,14 +15,23 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _parameters(before: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    return dict(before.named_parameters()) if isinstance(before, torch.nn.Module) else before
+Before = torch.nn.Module | Mapping[str, torch.Tensor]  # the model before training, or its `snapshot`
 
 
-def parameter_changes(before: torch.nn.Module | Mapping[str, torch.Tensor], model: torch.nn.Module) -> list[dict]:
+def parameters_by_name(before: Before, model: torch.nn.Module) -> Mapping[str, torch.Tensor]:
+    """The parameters of `before` by name; a clear error when it lacks one of `model`'s."""
+    reference = dict(before.named_parameters()) if isinstance(before, torch.nn.Module) else before
+    missing = [n for n, _ in model.named_parameters() if n not in reference]
+    if missing:
+        raise ValueError(f"`before` lacks {len(missing)} parameters of the model (e.g. {missing[0]!r}): pass "
+                         "snapshot(model) taken before training, or the untrained model itself.")
+    return reference
+
+
+def parameter_changes(before: Before, model: torch.nn.Module) -> list[dict]:
     """One row per parameter tensor of `model`: its name, size and how many of its entries differ from `before`
     (a model of the same structure, or a `snapshot`; exact comparison, no tolerance), changed tensors first."""
-    reference = _parameters(before)
+    reference = parameters_by_name(before, model)
     rows = []
     for name, p in model.named_parameters():
         changed = int((p.detach() != reference[name].to(p.device)).sum())
@@ -30,17 +39,23 @@ def parameter_changes(before: torch.nn.Module | Mapping[str, torch.Tensor], mode
     return sorted(rows, key=lambda r: (-r["changed"], r["parameter"]))
 
 
-def changed_rows(before: torch.nn.Module | Mapping[str, torch.Tensor],
-                 model: torch.nn.Module) -> dict[int, torch.Tensor]:
+def _value_tables(before: Before, model: torch.nn.Module) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per memory layer of `model`: its value table now and in `before`, on the same device."""
+    reference, names = parameters_by_name(before, model), {id(p): n for n, p in model.named_parameters()}
+    return {m.layer_index: (m.values.weight.detach(), reference[names[id(m.values.weight)]].to(m.values.weight.device))
+            for m in memory_layers(model)}
+
+
+def changed_rows(before: Before, model: torch.nn.Module) -> dict[int, torch.Tensor]:
     """Per memory layer, the indices of the value rows that differ from `before` (a model or a `snapshot`)."""
-    reference = _parameters(before)
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = {}
-    for m in memory_layers(model):
-        w = m.values.weight.detach()
-        old = reference[names[id(m.values.weight)]].to(w.device)
-        out[m.layer_index] = (w != old).any(dim=1).nonzero().flatten().cpu()
-    return out
+    tables = _value_tables(before, model)
+    return {i: (new != old).any(dim=1).nonzero().flatten().cpu() for i, (new, old) in tables.items()}
+
+
+def row_moves(before: Before, model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """Per memory layer, the L2 norm of each value row's change since `before` (a model or a `snapshot`)."""
+    tables = _value_tables(before, model)
+    return {i: (new.float() - old.float()).norm(dim=1).cpu() for i, (new, old) in tables.items()}
 
 
 @torch.no_grad()
@@ -73,7 +88,7 @@ def layer_attribution(model: torch.nn.Module, untrained: torch.nn.Module,
 
 
 @torch.no_grad()
-def trained_read_share(model: torch.nn.Module, untrained: torch.nn.Module | Mapping[str, torch.Tensor], tokenizer,
+def trained_read_share(model: torch.nn.Module, untrained: Before, tokenizer,
                        prompts: list[str]) -> list[float]:
     """For each prompt, the share of the memory's read weight at its last token that falls on value rows training
     changed (mean over layers and heads): how much of what the prompt reads was written by training.

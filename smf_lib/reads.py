@@ -3,12 +3,13 @@ how far training moved each value row: the computations behind the slot inspecto
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from .analysis import Before, parameters_by_name
 from .data import Fact
 from .memory import SlotAccess
 from .models import pad_id
@@ -123,38 +124,13 @@ def score_batch(model: torch.nn.Module, tokenizer, background: SlotStats, facts:
                        {i: SlotAccess(a.indices.cpu(), a.weights.cpu()) for i, a in access.items()})
 
 
-Before = torch.nn.Module | Mapping[str, torch.Tensor]
-
-
-def _reference(before: Before, model: torch.nn.Module) -> Mapping[str, torch.Tensor]:
-    """The parameters of `before` by name; raise if it does not have every parameter of `model`."""
-    reference = dict(before.named_parameters()) if isinstance(before, torch.nn.Module) else before
-    missing = [n for n, _ in model.named_parameters() if n not in reference]
-    if missing:
-        raise ValueError(f"`before` lacks {len(missing)} parameters of the model (e.g. {missing[0]!r}): pass "
-                         "snapshot(model) taken before training, or the untrained model itself.")
-    return reference
-
-
-@torch.no_grad()
-def row_moves(before: Before, model: torch.nn.Module) -> dict[int, torch.Tensor]:
-    """Per memory layer, the L2 norm of each value row's change since `before` (a model or a `snapshot`)."""
-    reference, names = _reference(before, model), {id(p): n for n, p in model.named_parameters()}
-    moves = {}
-    for m in memory_layers(model):
-        w = m.values.weight.detach()
-        old = reference[names[id(m.values.weight)]].to(w.device)
-        moves[m.layer_index] = (w.float() - old.float()).norm(dim=1).cpu()
-    return moves
-
-
 @contextmanager
 def parameters_of(model: torch.nn.Module, before: Before) -> Iterator[torch.nn.Module]:
     """Inside the block `model` has the parameters of `before` (a model or a `snapshot`); on leaving, its own again.
 
     Only tensors that differ are swapped, so for a sparse-trained model this copies the value tables alone.
     """
-    reference, saved = _reference(before, model), []
+    reference, saved = parameters_by_name(before, model), []
     try:
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -12,21 +12,19 @@ import ipywidgets as widgets
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import changed_rows
+from .analysis import Before, changed_rows, row_moves
 from .data import Fact, KnownFact
 from .evaluation import complete, contains_answer
 from .memory import READ_THRESHOLD, SlotAccess
 from .models import pad_id
 from .plots import token_labels
-from .reads import SCORE_NAMES, Before, forward_reads, parameters_of, row_moves, score_batch
+from .reads import SCORE_NAMES, forward_reads, parameters_of, score_batch
 from .retrofit import memory_layers
 from .selection import background_distribution, token_surprise
 from .stats import SlotStats
 from .training import Example, TrainConfig, build_examples, collate
 
 DEFAULT_BATCH_FACTS = 4
-
-
 
 
 @dataclass(frozen=True)
@@ -122,7 +120,6 @@ class SlotInspector:
         self._build_widgets()
         self.show_text(0)
 
-    # --- computing --------------------------------------------------------------------------------------------
 
     def _check(self, background: SlotStats) -> None:
         if not self.layers:
@@ -252,7 +249,6 @@ class SlotInspector:
             self._completions[j] = (old, complete(self.model, self.tokenizer, prompt)[0])
         return self._completions[j]
 
-    # --- showing ----------------------------------------------------------------------------------------------
 
     def _build_widgets(self) -> None:
         options = [(_label(f"{'known' if t.known else 'batch' if j < self.n_batch else 'fact'} · {t.source} · "
