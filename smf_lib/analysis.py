@@ -42,7 +42,8 @@ def parameter_changes(before: Before, model: torch.nn.Module) -> list[dict]:
 def _value_tables(before: Before, model: torch.nn.Module) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per memory layer of `model`: its value table now and in `before`, on the same device."""
     reference, names = parameters_by_name(before, model), {id(p): n for n, p in model.named_parameters()}
-    return {m.layer_index: (m.values.weight.detach(), reference[names[id(m.values.weight)]].to(m.values.weight.device))
+    return {m.layer_index: (m.values.weight.detach(),
+                            reference[names[id(m.values.weight)]].detach().to(m.values.weight.device))
             for m in memory_layers(model)}
 
 
