@@ -60,35 +60,34 @@ def row_moves(before: Before, model: torch.nn.Module) -> dict[int, torch.Tensor]
 
 
 @torch.no_grad()
-def layer_attribution(model: torch.nn.Module, untrained: torch.nn.Module,
+def layer_attribution(model: torch.nn.Module, untrained: Before,
                       score: Callable[[torch.nn.Module], dict]) -> dict[int, dict]:
     """`score(model)` with one memory layer's trained values at a time, the others reset to `untrained`'s.
 
     Tells which layer does the learning and which the forgetting: `{layer index: score}`. `model` must be a
-    sparse-trained copy of `untrained` (same memory layers); it is left as it was.
+    sparse-trained copy of `untrained` (the model before training, or its `snapshot`); it is left as it was.
 
     Example:
         >>> layer_attribution(run.model, setup.model, lambda m: evaluate(setup, m, full=False))
     """
-    reset = {m.layer_index: m.values.weight for m in memory_layers(untrained)}
-    layers = memory_layers(model)
-    if sorted(reset) != sorted(m.layer_index for m in layers):
-        raise ValueError(f"`model` has memory in layers {[m.layer_index for m in layers]}, `untrained` in "
-                         f"{sorted(reset)}: pass a copy of the untrained model trained with a sparse method.")
-    trained = {m.layer_index: m.values.weight.detach().clone() for m in layers}
+    tables = _value_tables(untrained, model) if memory_layers(model) else {}
+    if not tables:
+        raise ValueError("`model` has no memory layers: pass a copy of the untrained model trained with a sparse "
+                         "method.")
+    trained = {i: now.clone() for i, (now, _) in tables.items()}
     result = {}
-    try:
-        for kept in trained:
-            for m in layers:
-                m.values.weight.copy_(trained[m.layer_index] if m.layer_index == kept else reset[m.layer_index])
-            result[kept] = score(model)
-    finally:
-        for m in layers:
-            m.values.weight.copy_(trained[m.layer_index])
+    with torch.no_grad():
+        try:
+            for kept in tables:
+                for i, (now, old) in tables.items():
+                    now.copy_(trained[i] if i == kept else old)
+                result[kept] = score(model)
+        finally:
+            for i, (now, _) in tables.items():
+                now.copy_(trained[i])
     return result
 
 
-@torch.no_grad()
 def trained_read_share(model: torch.nn.Module, untrained: Before, tokenizer,
                        prompts: list[str]) -> list[float]:
     """For each prompt, the share of the memory's read weight at its last token that falls on value rows training

@@ -4,7 +4,7 @@ Every `plot_*` function returns its matplotlib Figure, drawn in the theme of `pl
 mid-grey text) so it reads on light and dark notebook themes alike. Sections:
 
 - training curves: loss, selected rows per step, recall at checkpoints
-- what changed: the changed value rows on the product-key grid, before/after completions
+- what changed: the changed value rows on the product-key grid, before/after completions, variants side by side
 - comparing methods: recall over steps, the Pareto figure
 """
 
@@ -183,6 +183,25 @@ def completion_table(prompts: Sequence[str], answers: Sequence[str], **columns: 
         data[name] = [c.strip().replace("\n", " ⏎ ") for c in completions]
         data[f"{name} ✓"] = ["✓" if contains_answer(c, [a]) else "" for c, a in zip(completions, answers)]
     return pd.DataFrame(data).style.hide(axis="index").set_properties(**{"text-align": "left"})
+
+
+def plot_variants(scores: Mapping[str, Mapping[str, float]], metrics: Mapping[str, str],
+                  title: str | None = None) -> Figure:
+    """One panel per metric (key -> axis label), one bar per variant: e.g. each memory layer's trained rows alone
+    against all of them (`analysis.layer_attribution`), or KL-selected rows against random ones."""
+    with theme():
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), layout="constrained",
+                                 squeeze=False)
+        names = list(scores)
+        for ax, (key, label) in zip(axes[0], metrics.items()):
+            values = [scores[n][key] for n in names]
+            bars = ax.bar(range(len(names)), values, color=[PALETTE[i % len(PALETTE)] for i in range(len(names))])
+            ax.bar_label(bars, fmt="%.2f", fontsize=8, color=GREY)
+            ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+            ax.set_title(label, fontsize=9)
+            ax.grid(axis="y")
+        fig.suptitle(title or "")
+    return _finish(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from smf_lib.analysis import layer_attribution
+from smf_lib.analysis import layer_attribution, snapshot
 from smf_lib.data import load_facts
 from smf_lib.experiment import evaluate, prepare
 from smf_lib.models import load_base_model
@@ -119,5 +119,6 @@ def test_layer_attribution_keeps_one_layer_at_a_time():
     assert untrained["heldout_ppl"] != result[first.layer_index]["heldout_ppl"]
     assert all(result[m.layer_index] == untrained for m in others)
     assert all(torch.equal(m.values.weight, b) for m, b in zip(memory_layers(model), before))  # left as it was
+    assert layer_attribution(model, snapshot(setup.model), score) == result  # or against a snapshot
     with pytest.raises(ValueError, match="sparse method"):
         layer_attribution(load_base_model("tiny")[0], setup.model, score)  # no memory at all
