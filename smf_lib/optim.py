@@ -33,18 +33,24 @@ class RowAdam:
 
     A masked `torch.optim.Adam` is not sparse: momentum keeps moving a row after it is deselected and AdamW's
     weight decay moves every non-zero row. Here a row that is not in `rows` is not touched at all.
+
+    Adam's first step moves every coordinate by about `lr`, however small its gradient, so a row that a batch barely
+    reads moves as far as the row that carries the fact. With `layer_scale` the second moment is one running mean
+    square per table (over the selected rows' gradients): a row's step is then proportional to its gradient, at most
+    `lr` per coordinate.
     """
 
     def __init__(self, tables: list[torch.nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, layer_scale: bool = False) -> None:
         self.tables, self.lr, self.betas, self.eps, self.weight_decay = tables, lr, betas, eps, weight_decay
+        self.layer_scale = layer_scale
         self.state = [self._empty(t) for t in tables]
 
     @staticmethod
     def _empty(table: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"slot_of": torch.full((len(table),), -1, dtype=torch.long, device=table.device),
                 "m": table.new_zeros(0, table.shape[1]), "v": table.new_zeros(0, table.shape[1]),
-                "steps": table.new_zeros(0)}
+                "steps": table.new_zeros(0), "layer_v": table.new_zeros(()), "layer_steps": table.new_zeros(())}
 
     def state_rows(self) -> int:
         """How many rows hold optimizer state (the optimizer's memory is this times 2 x row size)."""
@@ -69,13 +75,20 @@ class RowAdam:
             v = s["v"][slot].mul_(b2).addcmul_(g, g, value=1 - b2)
             s["m"][slot], s["v"][slot] = m, v
             steps = s["steps"][slot].unsqueeze(1)
-            update = (m / (1 - b1**steps)) / ((v / (1 - b2**steps)).sqrt() + self.eps)
+            if self.layer_scale:
+                s["layer_v"].mul_(b2).add_(g.pow(2).mean(), alpha=1 - b2)
+                s["layer_steps"] += 1
+                v = s["layer_v"] / (1 - b2 ** s["layer_steps"])
+                update = ((m / (1 - b1**steps)) / (v.sqrt() + self.eps)).clamp_(-1, 1)
+            else:
+                update = (m / (1 - b1**steps)) / ((v / (1 - b2**steps)).sqrt() + self.eps)
             if self.weight_decay:
                 update += self.weight_decay * table[r]
             table[r] -= self.lr * update
 
 
 SCORES = ("kl", "tfidf", "random")
+RULES = ("adam", "adam_layer", "sgd")  # row-wise Adam, the same with one second moment per table, plain SGD
 
 
 def slot_scores(score: str, counts: torch.Tensor, background: SlotStats | None, layer: int,
@@ -108,8 +121,8 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, background: SlotStats | None, lr: float = 0.3, score: str = "kl",
                  top_t: int = 500, rule: str = "adam", weight_decay: float = 0.0, seed: int = 0,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        if score not in SCORES or rule not in ("adam", "sgd"):
-            raise ValueError(f"score must be one of {SCORES} and rule 'adam' or 'sgd', got {score!r}, {rule!r}.")
+        if score not in SCORES or rule not in RULES:
+            raise ValueError(f"score must be one of {SCORES} and rule one of {RULES}, got {score!r}, {rule!r}.")
         if rule == "sgd" and weight_decay:
             raise ValueError("rule='sgd' has no weight decay; use rule='adam' (decoupled, as AdamW) for it.")
         self.layers = memory_layers(model)
@@ -126,7 +139,8 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         for t in tables:
             t.requires_grad_(True)
         super().__init__(tables, {"lr": lr, "weight_decay": weight_decay})
-        self.rows_optimizer = RowAdam(tables, lr, weight_decay=weight_decay) if rule == "adam" else RowSGD(tables, lr)
+        self.rows_optimizer = (RowSGD(tables, lr) if rule == "sgd" else
+                               RowAdam(tables, lr, weight_decay=weight_decay, layer_scale=rule == "adam_layer"))
         for table, row_state in zip(tables, getattr(self.rows_optimizer, "state", [])):
             self.state[table] = row_state  # saved and loaded with the optimizer's state_dict
         self.score, self.top_t, self.background, self.reduce = score, top_t, background, reduce

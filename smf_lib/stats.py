@@ -58,12 +58,14 @@ def access_counts(access: SlotAccess, n_slots: int, positions: torch.Tensor | No
 @dataclass
 class SlotStats:
     """Background statistics per memory layer: soft access `counts` and document frequency `doc_freq`
-    (how many of the `n_batches` background batches touched each slot)."""
+    (how many of the `n_batches` background batches touched each slot). `inputs` keeps each memory layer's input at
+    a random sample of background tokens (layer -> tokens x dim), for the locality term; it is not saved."""
 
     counts: dict[int, torch.Tensor]
     doc_freq: dict[int, torch.Tensor]
     n_batches: int
     n_tokens: int
+    inputs: dict[int, torch.Tensor] | None = None
 
     def save(self, path: str | Path) -> Path:
         """Write to safetensors, atomically."""
@@ -173,7 +175,7 @@ def collect_background(
 
 
 def _background_from_inputs(model: torch.nn.Module, texts: Sequence[str], inputs: LayerInputs,
-                            batch_size: int) -> SlotStats:
+                            batch_size: int, keep: int = 8192) -> SlotStats:
     """Slot statistics from captured layer inputs: each layer's lookup on them, `batch_size` texts at a time."""
     inputs.check(texts)
     layers = memory_layers(model)
@@ -189,7 +191,9 @@ def _background_from_inputs(model: torch.nn.Module, texts: Sequence[str], inputs
             indices, weights = m.address(inputs.x[m.layer_index][lo:hi])
             _add_texts(counts[m.layer_index], doc_freq[m.layer_index], indices, weights,
                        inputs.text[lo:hi] - chunk * batch_size, min(batch_size, inputs.n_texts - chunk * batch_size))
-    return SlotStats(counts, doc_freq, inputs.n_texts, len(inputs.text))
+    sample = torch.randperm(len(inputs.text), generator=torch.Generator().manual_seed(0))[:keep]
+    kept = {i: x[sample.to(x.device)].clone() for i, x in inputs.x.items()}
+    return SlotStats(counts, doc_freq, inputs.n_texts, len(inputs.text), kept)
 
 
 def _add_texts(counts: torch.Tensor, doc_freq: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,

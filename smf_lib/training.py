@@ -15,14 +15,15 @@ from tqdm.auto import tqdm
 from .data import Fact
 from .losses import next_token_losses, predicting
 from .models import default_device, pad_id
-from .optim import SparseMemoryOptimizer
+from .optim import RULES, SparseMemoryOptimizer
 from .retrofit import memory_layers
-from .stats import SlotStats
+from .stats import SlotStats, recording
 
 SPARSE_METHODS = ("smf_kl", "smf_tfidf", "smf_random")
 DENSE_METHODS = ("full_ft", "lora")
 METHODS = SPARSE_METHODS + DENSE_METHODS
-COUNT_POSITIONS = ("answer", "subject", "entities", "both", "all")
+COUNT_POSITIONS = ("answer", "subject", "entities", "entity_ends", "both", "all")
+LOCALITY_TOKENS = 1024  # background tokens sampled per step for the locality term
 DEFAULT_LR = {"smf_kl": 3.0, "smf_tfidf": 3.0, "smf_random": 3.0, "full_ft": 3e-5, "lora": 3e-4}
 
 
@@ -34,11 +35,12 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 8
     lr: float | None = None
-    optimizer: str = "adam"          # sparse methods: "adam" (row-wise Adam/AdamW) or "sgd"
+    optimizer: str = "adam"          # sparse methods: one of optim.RULES, "adam" (row-wise Adam/AdamW) by default
     weight_decay: float = 0.0
     top_t: int = 500                 # value rows per memory layer per step
     loss_on: str = "all"             # "all": loss on every token; "answer": on the answer tokens only
     count_on: str = "entities"       # slots counted at the subject and inside the answer; see counted_positions
+    locality: float = 0.0            # sparse methods: weight of the memory's output on background text (losses)
     lora_rank: int = 16
     max_length: int = 64
     seed: int = 0
@@ -46,8 +48,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        if self.optimizer not in ("adam", "sgd") or self.loss_on not in ("answer", "all"):
-            raise ValueError("optimizer must be 'adam' or 'sgd'; loss_on must be 'answer' or 'all'.")
+        if self.optimizer not in RULES or self.loss_on not in ("answer", "all"):
+            raise ValueError(f"optimizer must be one of {', '.join(RULES)}; loss_on must be 'answer' or 'all'.")
+        if self.locality < 0 or (self.locality and self.method not in SPARSE_METHODS):
+            raise ValueError(f"locality must be >= 0 and is for sparse methods only, got {self.locality} for "
+                             f"{self.method}.")
         if self.count_on not in COUNT_POSITIONS:
             raise ValueError(f"count_on must be one of {', '.join(COUNT_POSITIONS)}, got {self.count_on!r}.")
         if self.lr is None:
@@ -113,13 +118,16 @@ def counted_positions(batch: dict[str, torch.Tensor], count_on: str) -> torch.Te
     """The positions whose slot reads are counted: those predicting an answer token, the subject's tokens (where
     factual recall is looked up, Meng et al. 2022, arXiv 2202.05262; a sentence that does not name the subject
     counts at its answer instead), the "entities" (the subject and the answer's own tokens that predict its next
-    one, so that no row is keyed on the words before the answer), both, or every real token."""
+    one, so that no row is keyed on the words before the answer), "entity_ends" (the same with only the last token
+    of each mention of the subject, where the whole name has been read), both, or every real token."""
     if count_on == "all":
         return batch["attention_mask"]
     answer, subject = predicting(batch["answer"]), batch["subject"]
     subject = subject | (answer & ~subject.any(dim=1, keepdim=True))  # a sentence without its subject: the answer
     inside = answer & batch["answer"]  # within the answer: "Grathine" predicting "Pomirnard"
-    return {"answer": answer, "subject": subject, "entities": subject | inside, "both": answer | subject}[count_on]
+    ends = subject & ~predicting(subject)  # a subject token whose next token is not the subject's
+    return {"answer": answer, "subject": subject, "entities": subject | inside, "entity_ends": ends | inside,
+            "both": answer | subject}[count_on]
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
@@ -166,6 +174,26 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, background: Slot
     return model, optimizer, sum(p.numel() for p in params)
 
 
+def locality_penalty(model: torch.nn.Module, inputs: dict[int, torch.Tensor], n_tokens: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """How loudly the memory speaks on background text: its squared output at `n_tokens` sampled background
+    tokens, relative to the squared layer input there, summed over memory layers.
+
+    The retrofitted memory's output is zero, so this keeps trained rows from changing what the model computes on
+    text unlike the new facts (a locality term as in Meng et al. 2022, arXiv 2202.05262, on the memory's output
+    rather than the logits: one memory lookup instead of a forward pass). `inputs` are the layers' inputs on
+    background text (`SlotStats.inputs`); these reads are not counted for selection.
+    """
+    total = torch.zeros(())
+    with recording(model, enabled=False):
+        for m in memory_layers(model):
+            x = inputs[m.layer_index]
+            x = x[torch.randint(len(x), (n_tokens,), generator=generator)].to(m.values.weight.device)
+            out = m(x)
+            total = total.to(out.device) + out.pow(2).sum(-1).mean() / x.pow(2).sum(-1).mean()
+    return total
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                config: TrainConfig, accelerator: Accelerator) -> float:
     """One training step on a collated batch (this process's share of it); returns the batch's mean token loss.
@@ -177,7 +205,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
         optimizer.count_at(counted_positions(batch, config.count_on))
     loss_sum, n_local = token_loss_sum(model, batch, config.loss_on)
     n_tokens = accelerator.reduce(n_local.float(), "sum")
-    accelerator.backward(loss_sum * accelerator.num_processes / n_tokens.clamp_min(1))
+    loss = loss_sum * accelerator.num_processes / n_tokens.clamp_min(1)
+    if config.locality and isinstance(optimizer, SparseMemoryOptimizer):
+        loss = loss + config.locality * locality_penalty(model, optimizer.background.inputs, LOCALITY_TOKENS,
+                                                         optimizer.generator)
+    accelerator.backward(loss)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return accelerator.reduce(loss_sum.detach(), "sum").item() / max(n_tokens.item(), 1)
@@ -225,6 +257,9 @@ def train(
     accelerator = accelerator or Accelerator(cpu=default_device().type == "cpu")
     torch.manual_seed(config.seed)
     model.eval()  # no dropout: these models have none, and the result stays deterministic
+    if config.locality and (background is None or background.inputs is None):
+        raise ValueError("The locality term needs background layer inputs: pass the statistics that "
+                         "prepare_memory returns (statistics loaded from a file do not keep them).")
     model, optimizer, params_trained = make_optimizer(model, config, background, accelerator)
     model = accelerator.prepare(model)
     batches = Batches(facts, tokenizer, config, accelerator)

@@ -73,6 +73,11 @@ def test_subject_positions_are_the_subject_tokens(tiny_base):
     assert (answer & batch["answer"]).any() and (entities & at_subject).any()  # "Quellport" is several tokens
     assert torch.equal(entities & ~at_subject, answer & batch["answer"])
     assert not entities[answer & ~batch["answer"]].any()  # never the word before the answer
+    ends = counted_positions(batch, "entity_ends")  # only the last token of each mention of the subject
+    assert torch.equal(ends & ~at_subject, entities & ~at_subject)
+    mask = [*example.subject_mask, False]
+    last = [i for i in range(len(mask) - 1) if mask[i] and not mask[i + 1]]
+    assert last and (ends & at_subject).nonzero()[:, 1].tolist() == last
     unnamed = Fact("x4", "Quellport", ("it is Quellport.",), "it is", ("Where?",))
     assert unnamed.subject is None
     [example] = build_examples([unnamed], tokenizer)

@@ -59,10 +59,25 @@ def _masked(opt_cls, **kwargs):
     return make_step
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_row_adam_leaves_unselected_rows_bit_identical(weight_decay):
+@pytest.mark.parametrize("weight_decay, layer_scale", [(0.0, False), (0.1, False), (0.0, True)])
+def test_row_adam_leaves_unselected_rows_bit_identical(weight_decay, layer_scale):
     """Guards RowAdam against moving any row that is not selected at the current step."""
-    check_unselected_rows_untouched(lambda tables: RowAdam(tables, lr=1e-2, weight_decay=weight_decay).step)
+    check_unselected_rows_untouched(
+        lambda tables: RowAdam(tables, lr=1e-2, weight_decay=weight_decay, layer_scale=layer_scale).step)
+
+
+def test_layer_scale_moves_a_barely_read_row_in_proportion_to_its_gradient():
+    """Row-wise Adam moves a row with a 1000 times smaller gradient as far as the others on its first step; with one
+    second moment per table it moves it 1000 times less, and no coordinate moves by more than lr."""
+    moves = {}
+    for layer_scale in (False, True):
+        table = torch.nn.Parameter(torch.zeros(3, 4))
+        table.grad = torch.tensor([[1.0] * 4, [0.5] * 4, [1e-3] * 4])
+        RowAdam([table], lr=0.1, layer_scale=layer_scale).step([torch.tensor([0, 1, 2])])
+        moves[layer_scale] = table.detach().abs().amax(dim=1)
+    torch.testing.assert_close(moves[False], torch.full((3,), 0.1))
+    assert moves[True].max() <= 0.1 and moves[True][0] == 0.1
+    torch.testing.assert_close(moves[True][2] / moves[True][1], torch.tensor(2e-3))
 
 
 def test_row_sgd_leaves_unselected_rows_bit_identical():

@@ -2,13 +2,14 @@
 baselines run; sparse memory finetuning also runs inside Hugging Face `Trainer`."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from smf_lib.data import load_facts
 from smf_lib.retrofit import memory_layers
-from smf_lib.training import METHODS, TrainConfig, train
+from smf_lib.training import METHODS, TrainConfig, locality_penalty, train
 
 FACTS = load_facts(limit=4)
 
@@ -71,6 +72,8 @@ def test_bad_config_is_rejected():
         TrainConfig(method="smf_magic")
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="lion")
+    with pytest.raises(ValueError, match="locality"):
+        TrainConfig(method="full_ft", locality=1.0)
 
 
 def test_trainer_hooks_are_removed_after_training(tiny):
@@ -83,3 +86,23 @@ def test_sparse_method_needs_background(tiny):
     model, tokenizer, _ = tiny
     with pytest.raises(ValueError, match="background"):
         train(copy.deepcopy(model), tokenizer, FACTS, TrainConfig(steps=1), background=None, progress=False)
+
+
+def _loudness(model, background) -> float:
+    return locality_penalty(model, background.inputs, 512, torch.Generator().manual_seed(1)).item()
+
+
+def test_locality_term_keeps_the_memory_quiet_on_background_text(tiny):
+    model, tokenizer, background = tiny
+    assert _loudness(model, background) == 0.0  # a fresh memory adds nothing
+    plain, _ = _trained(tiny, steps=6, batch_size=4, top_t=16)
+    local, history = _trained(tiny, steps=6, batch_size=4, top_t=16, locality=100.0)
+    assert all(torch.isfinite(torch.tensor(history.loss)))
+    assert 0 < _loudness(local, background) < 0.5 * _loudness(plain, background)
+
+
+def test_locality_needs_the_background_inputs(tiny):
+    model, tokenizer, background = tiny
+    with pytest.raises(ValueError, match="locality term needs background layer inputs"):
+        train(copy.deepcopy(model), tokenizer, FACTS, TrainConfig(steps=1, locality=1.0),
+              background=dataclasses.replace(background, inputs=None), progress=False)
