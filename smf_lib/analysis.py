@@ -76,18 +76,18 @@ def layer_attribution(model: torch.nn.Module, untrained: Before,
                          "method.")
     trained = {i: now.clone() for i, (now, _) in tables.items()}
     result = {}
-    with torch.no_grad():
-        try:
-            for kept in tables:
-                for i, (now, old) in tables.items():
-                    now.copy_(trained[i] if i == kept else old)
-                result[kept] = score(model)
-        finally:
-            for i, (now, _) in tables.items():
-                now.copy_(trained[i])
+    try:
+        for kept in tables:
+            for i, (now, old) in tables.items():
+                now.copy_(trained[i] if i == kept else old)
+            result[kept] = score(model)
+    finally:
+        for i, (now, _) in tables.items():
+            now.copy_(trained[i])
     return result
 
 
+@torch.no_grad()
 def trained_read_share(model: torch.nn.Module, untrained: Before, tokenizer,
                        prompts: list[str]) -> list[float]:
     """For each prompt, the share of the memory's read weight at its last token that falls on value rows training

@@ -40,7 +40,7 @@ class TrainConfig:
     top_t: int = 500                 # value rows per memory layer per step
     loss_on: str = "all"             # "all": loss on every token; "answer": on the answer tokens only
     count_on: str = "entities"       # slots counted at the subject and inside the answer; see counted_positions
-    locality: float = 0.0            # sparse methods: weight of the memory's output on background text (losses)
+    locality: float = 0.0            # sparse methods: weight of locality_penalty in the loss
     lora_rank: int = 16
     max_length: int = 64
     seed: int = 0
