@@ -72,15 +72,16 @@ class RowAdam:
             slot, g = s["slot_of"][r], table.grad[r]
             s["steps"][slot] += 1
             m = s["m"][slot].mul_(b1).add_(g, alpha=1 - b1)
-            v = s["v"][slot].mul_(b2).addcmul_(g, g, value=1 - b2)
-            s["m"][slot], s["v"][slot] = m, v
+            s["m"][slot] = m
             steps = s["steps"][slot].unsqueeze(1)
-            if self.layer_scale:
+            if self.layer_scale:  # the per-row second moment is not needed, so it is not kept up to date
                 s["layer_v"].mul_(b2).add_(g.pow(2).mean(), alpha=1 - b2)
                 s["layer_steps"] += 1
                 v = s["layer_v"] / (1 - b2 ** s["layer_steps"])
                 update = ((m / (1 - b1**steps)) / (v.sqrt() + self.eps)).clamp_(-1, 1)
             else:
+                v = s["v"][slot].mul_(b2).addcmul_(g, g, value=1 - b2)
+                s["v"][slot] = v
                 update = (m / (1 - b1**steps)) / ((v / (1 - b2**steps)).sqrt() + self.eps)
             if self.weight_decay:
                 update += self.weight_decay * table[r]
