@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     seeds.add_argument("--seeds", type=_seeds, default=None, help="several seeds, e.g. 0,1,2: mean and spread")
     run.add_argument("--augment", type=int, default=None, metavar="N",
                      help="N wordings the model writes per fact, added to its training sentences")
+    run.add_argument("--mode", choices=["additive", "replace"], default=None,
+                     help="memory beside the MLPs (default) or in their place, healed first")
     run.add_argument("--tuned", default=None, help="tuned settings (default data/tuned-<profile>.json)")
     tune.add_argument("--out", default=None, help="output file (default data/tuned-<profile>.json)")
     stream.add_argument("--methods", type=_methods, default=["smf_kl", "full_ft", "lora"],
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
             hypers, tuning = tuned_settings(get_profile(profile), args.methods, args.tuned)
             seeds = args.seeds or [args.seed or 0]
-            summary = run_experiment(profile, hypers, args.facts, args.out, seeds, tuning, args.augment)
+            summary = run_experiment(profile, hypers, args.facts, args.out, seeds, tuning, args.augment, args.mode)
             print(format_report(summary))
             print(f"Results written to {args.out or f'results/{profile}/'}")
         elif args.command == "tune":

@@ -16,11 +16,12 @@ from .analysis import parameter_changes
 from .augment import augment as augment_facts
 from .data import Fact, KnownFact, load_background, load_facts, load_heldout_text, load_known_facts
 from .evaluation import TextScores, bootstrap_interval, complete, contains_answer, fact_recall, hit_rate, score_texts
+from .healing import HealConfig, heal
 from .models import default_device, load_base_model
 from .pipeline import prepare_memory
 from .profiles import Profile, get_profile
-from .retrofit import MemoryConfig, memory_layers
-from .stats import SlotStats
+from .retrofit import MemoryConfig, memory_layers, retrofit
+from .stats import SlotStats, collect_background
 from .timing import peak_memory_mb, reset_peak_memory
 from .training import METHODS, train
 
@@ -43,6 +44,7 @@ class Setup:
     base: dict
     base_texts: TextScores
     retrofit_info: dict
+    heal: dict | None = None  # what healing did (replace mode only)
 
 
 def split_facts(profile: Profile, split: str, facts_path: str | Path | None = None) -> list[Fact]:
@@ -69,7 +71,8 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
 
     `memory` replaces the profile's memory configuration (its seed is set to `seed`); `augment` adds that many
     wordings, written by the model, to each fact's training sentences. The scores at step 0 are measured on the
-    retrofitted model, whose function is the base model's.
+    retrofitted model: the base model's function in additive mode; in replace mode, the healed memory's
+    (`Setup.heal` says what healing cost).
     """
     profile = get_profile(profile)
     model, tokenizer = load_base_model(profile.model, seed=seed)
@@ -78,7 +81,15 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     with torch.no_grad():
         base_logits = model(**probe).logits
     config = replace(memory or profile.memory, seed=seed)
-    background = prepare_memory(model, tokenizer, load_background()[: profile.run.n_background], config, progress)
+    heldout = perplexity_texts(profile, split)
+    texts = load_background()[: profile.run.n_background]
+    known_all = load_known_facts(split=split)
+    if config.mode == "replace":
+        healing = replace(profile.heal, seed=seed)
+        background, heal_info = _retrofit_and_heal(model, tokenizer, texts, heldout, known_all, config, healing,
+                                                   progress)
+    else:
+        background, heal_info = prepare_memory(model, tokenizer, texts, config, progress), None
     with torch.no_grad():
         diff = (model(**probe).logits - base_logits).abs().max().item()
     layers = memory_layers(model)
@@ -86,15 +97,33 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
                      "slots_per_layer": layers[0].n_slots, "max_abs_logit_diff": diff,
                      "memory_params": sum(p.numel() for m in layers for p in m.parameters())}
     facts = augment_facts(split_facts(profile, split, facts_path), augment, model, tokenizer, seed)
-    known_all = load_known_facts(split=split)
-    heldout = perplexity_texts(profile, split)
     setup = Setup(profile, split, model, tokenizer, facts, known_all, heldout, background, {}, None, retrofit_info)
     step0, known_ok, setup.base_texts = _scores(setup, model, full=True)
     setup.known = [k for k, ok in zip(known_all, known_ok) if ok]
     setup.base = {**step0, "heldout_ppl": setup.base_texts.perplexity,
                   "known_fact_acc": sum(known_ok) / max(len(known_ok), 1),
                   "known_facts_total": len(known_all), "known_facts_kept_by_base": len(setup.known)}
+    setup.heal = heal_info
     return setup
+
+
+def _retrofit_and_heal(model: torch.nn.Module, tokenizer, texts: Sequence[str], heldout: Sequence[str],
+                       known: Sequence[KnownFact], config: MemoryConfig, healing: HealConfig,
+                       progress: bool) -> tuple[SlotStats, dict]:
+    """Replace the MLPs by memory, heal it on `texts` (never on the perplexity text), then count background slot
+    use on the healed model. The record holds perplexity and known-fact accuracy of the base model, and before and
+    after healing: what healing does not restore is forgotten before any fact is taught."""
+    def known_acc() -> float:
+        answers = complete(model, tokenizer, [k.prompt for k in known])
+        return sum(contains_answer(c, k.answers()) for c, k in zip(answers, known)) / max(len(known), 1)
+
+    record = {"ppl_base": score_texts(model, tokenizer, heldout).perplexity, "known_fact_acc_base": known_acc()}
+    retrofit(model, config)
+    record["ppl_before"] = score_texts(model, tokenizer, heldout).perplexity
+    result = heal(model, tokenizer, [t for t in texts if t not in set(heldout)], healing, progress)
+    record.update(ppl_after=score_texts(model, tokenizer, heldout).perplexity, known_fact_acc_after=known_acc(),
+                  **result.as_dict())
+    return collect_background(model, tokenizer, texts, progress=progress), record
 
 
 def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, list[bool], TextScores]:
@@ -255,7 +284,7 @@ def new_summary(setup: Setup, seed: int = 0) -> dict:
             "n_facts": len(setup.facts), "split": {"test_fact_ids": [f.id for f in setup.facts],
                                                    "test_known": len(setup.known)},
             "retrofit": setup.retrofit_info, "base": setup.base, "methods": {}, "checkpoints": {},
-            "target_recall": setup.profile.run.target_recall}
+            "target_recall": setup.profile.run.target_recall, **({"heal": setup.heal} if setup.heal else {})}
 
 
 def run_method(summary: dict, setup: Setup, method: str, hyper: dict, seed: int, progress: bool = True) -> None:
@@ -275,11 +304,12 @@ def compare_methods(setup: Setup, hypers: dict[str, dict], seed: int = 0, progre
 
 def run_experiment(profile: str | Profile | None, hypers: dict[str, dict], facts_path: str | Path | None = None,
                    out: str | Path | None = None, seeds: Sequence[int] = (0,), tuning: dict | None = None,
-                   augment: int | None = None, progress: bool = True) -> dict:
+                   augment: int | None = None, mode: str | None = None, progress: bool = True) -> dict:
     """Train every method of `hypers` (method -> TrainConfig fields) on the test facts, once per seed; write the
     results into `out` after every method and return the summary. `tuning` (from `tuning.tuned_settings`) says
     where the settings came from and which tune facts chose them; `augment` (default: the profile's) adds that
-    many model-written wordings to each fact's training sentences."""
+    many model-written wordings to each fact's training sentences; `mode` (default: the profile's) puts the memory
+    beside the MLPs or in their place."""
     from .report import write_results
 
     unknown = [m for m in hypers if m not in METHODS]
@@ -292,7 +322,8 @@ def run_experiment(profile: str | Profile | None, hypers: dict[str, dict], facts
     out = Path(out or Path("results") / profile.name)
     runs = []
     for seed in seeds:
-        setup = prepare(profile, "test", facts_path, seed, augment=augment, progress=progress)
+        memory = replace(profile.memory, mode=mode or profile.memory.mode)
+        setup = prepare(profile, "test", facts_path, seed, memory, augment, progress)
         runs.append(new_summary(setup, seed))
         for method, hyper in hypers.items():
             run_method(runs[-1], setup, method, hyper, seed, progress)

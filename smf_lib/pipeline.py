@@ -7,16 +7,19 @@ from collections.abc import Sequence
 import torch
 
 from .calibration import calibrate_queries
+from .healing import HealConfig, heal
 from .retrofit import MemoryConfig, retrofit
 from .stats import SlotStats, collect_background, layer_inputs
 
 
 def prepare_memory(model: torch.nn.Module, tokenizer, texts: Sequence[str], config: MemoryConfig | None = None,
-                   progress: bool = True) -> SlotStats:
+                   progress: bool = True, heal_config: HealConfig | None = None) -> SlotStats:
     """Retrofit `model` in place, calibrate its queries on `texts` and return the background slot statistics.
 
     The fresh memory adds nothing (its values are zero), so its layers' inputs do not depend on its queries: one
     pass over `texts` serves both the calibration and the statistics. `config.seed` seeds the keys and queries.
+    In replace mode the memory is first healed on `texts` (`healing.heal`, with `heal_config`), then counted on the
+    healed model.
 
     Example:
         >>> model, tokenizer = load_base_model("smollm2-135m")
@@ -25,6 +28,9 @@ def prepare_memory(model: torch.nn.Module, tokenizer, texts: Sequence[str], conf
     """
     config = config or MemoryConfig()
     retrofit(model, config)
+    if config.mode == "replace":  # the model is broken until the memory does the replaced MLPs' work
+        heal(model, tokenizer, texts, heal_config or HealConfig(seed=config.seed), progress)
+        return collect_background(model, tokenizer, texts, progress=progress)
     inputs = layer_inputs(model, tokenizer, texts, progress=progress)
     calibrate_queries(model, tokenizer, texts, seed=config.seed, inputs=inputs)
     return collect_background(model, tokenizer, texts, inputs=inputs)

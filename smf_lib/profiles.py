@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .healing import HealConfig
 from .models import QWEN, SMOLLM2, TINY, default_device
 from .retrofit import MemoryConfig
 from .training import TrainConfig
@@ -56,6 +57,7 @@ class Profile:
     run: RunSizes
     notebook: NotebookSizes
     notebook_fast: NotebookSizes = NotebookSizes(32, 8, 4, 4)  # SMF_FAST=1: continuous integration
+    heal: HealConfig = HealConfig()  # healing a replace-mode memory (`run --mode replace`)
 
     def notebook_sizes(self, fast: bool) -> NotebookSizes:
         """The notebooks' sizes, reduced in fast mode (the model stays the same)."""
@@ -71,7 +73,7 @@ PROFILES: dict[str, Profile] = {
         "tiny", TINY, MemoryConfig(layers=(1, 3), n_keys=16, topk=4, key_dim=32), TrainConfig(),
         RunSizes(n_facts=6, max_steps=6, eval_every=3, tune_facts=4, tune_steps=4, n_background=24, n_heldout=8,
                  lr_grid={"smf_kl": (0.3, 3.0), "smf_tfidf": (0.3,), "full_ft": (1e-2,), "lora": (1e-2,)}),
-        NotebookSizes(48, 8, 12, 4)),
+        NotebookSizes(48, 8, 12, 4), heal=HealConfig(steps=20, batch_tokens=256, written=8, written_tokens=16)),
     "cpu": Profile(
         "cpu", SMOLLM2, MemoryConfig(), TrainConfig(batch_size=16),
         RunSizes(n_facts=None, max_steps=300, eval_every=30, tune_facts=48, tune_steps=150, lr_grid=LR_GRID),

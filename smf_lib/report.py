@@ -44,6 +44,15 @@ def _seed_cell(run: dict) -> str:
     return f"{where['known_fact_drop_pct']:.1f}, {where['ppl_increase_pct']:+.2f}{mark}"
 
 
+def _heal_lines(heal: dict | None) -> list[str]:
+    if not heal:
+        return []
+    return [f"The MLPs were replaced and the memory healed ({heal['steps']} steps, {heal['seconds'] / 60:.1f} min): "
+            f"held-out perplexity {heal['ppl_base']:.2f} for the base model, {heal['ppl_before']:.2f} with the MLPs "
+            f"replaced, {heal['ppl_after']:.2f} healed; known facts answered {heal['known_fact_acc_base']:.1%} by "
+            f"the base model, {heal['known_fact_acc_after']:.1%} healed.", ""]
+
+
 def format_report(summary: dict) -> str:
     """The Markdown report: setup, the comparison at matched recall, the final scores with 95% intervals."""
     r, base, methods = summary["retrofit"], summary["base"], summary["methods"]
@@ -60,6 +69,7 @@ def format_report(summary: dict) -> str:
         f"{base['fact_recall']:.2f}, paraphrase recall {base['paraphrase_recall']:.2f}, answer bleed "
         f"{base['answer_bleed_pct']:.1f}%; it answers {base['known_facts_kept_by_base']} of the split's "
         f"{base['known_facts_total']} known facts (the ones that can be forgotten).", "",
+        *_heal_lines(summary.get("heal")),
         f"## At matched learning (fact recall {target:.2f})", "",
         "Each figure interpolated between the two checkpoints around the target recall.", "",
         *_table({_label(m): v.get("at_matched_recall") for m, v in methods.items()}, MATCHED), "",

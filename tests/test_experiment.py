@@ -86,6 +86,19 @@ def test_malformed_facts_file_names_file_and_line(tmp_path):
     assert f"{facts}:2" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_replace_mode_heals_before_training(tmp_path):
+    result = _run("--profile", "tiny", "--out", str(tmp_path), "--methods", "smf_kl", "--mode", "replace")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    heal = summary["heal"]
+    assert summary["retrofit"]["mode"] == "replace"
+    assert {"ppl_base", "ppl_before", "ppl_after", "seconds", "error_before", "error_after"} <= heal.keys()
+    assert set(heal["error_after"]) == {str(block) for block in summary["retrofit"]["layers"]}  # what it fits:
+    # the tiny model is random, so whether healing helps is tested on the real one (test_healing.py)
+    assert summary["methods"]["smf_kl"]["steps"] > 0
+    assert "memory healed" in (tmp_path / "report.md").read_text()
+
+
 def test_unknown_method_is_a_clear_error(tmp_path):
     result = _run("--profile", "tiny", "--methods", "smf_kl,magic", "--out", str(tmp_path))
     assert result.returncode == 2 and "magic" in result.stderr and "Traceback" not in result.stderr
