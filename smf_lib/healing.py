@@ -41,7 +41,7 @@ class HealConfig:
     value_lr: float = 1e-2
     warmup: int = 50
     holdout: float = 0.05
-    written: int = 0
+    written: int = 600
     written_tokens: int = 96
     seed: int = 0
 
