@@ -29,9 +29,9 @@ from .stats import LayerInputs, layer_inputs
 class HealConfig:
     """How long and how fast each memory layer is distilled (defaults measured on the cpu profile, docs/RESULTS.md).
 
-    `lr` is Adam's rate for the query, keys, gate, projection and output scale; `value_lr` is the lazy (row-wise)
-    Adam rate for the value rows a batch reads. Both warm up for `warmup` steps, then decay on a cosine.
-    `written` adds that many passages the base model writes itself (`written_tokens` each, continuing the opening
+    `lr` is Adam's rate for the query, keys, gate, projection and output scale, `value_lr` its rate for the value
+    rows. Both warm up for `warmup` steps, then decay on a cosine. `holdout`: the share of texts (the last ones) kept
+    out of training to measure the fit. `written` adds up to that many passages the base model writes itself (`written_tokens` each, continuing the opening
     words of the given texts): the memory fits the replaced MLPs on more of the text the model actually meets.
     """
 
@@ -159,8 +159,7 @@ def _error(memory: ProductKeyMemory, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _fit(memory: ProductKeyMemory, x: torch.Tensor, y: torch.Tensor, config: HealConfig,
          generator: torch.Generator, progress: bool) -> None:
-    """Train one memory layer on (input, MLP output) pairs; value rows get lazy Adam, so a step costs the rows
-    its batch reads, not the whole table."""
+    """Train one memory layer on (input, MLP output) pairs, `config.batch_tokens` random tokens per step."""
     dense = [p for name, p in memory.named_parameters() if name != "values.weight"]
     optimizers = [torch.optim.Adam(dense, lr=config.lr),
                   torch.optim.Adam([memory.values.weight], lr=config.value_lr)]
