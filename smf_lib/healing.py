@@ -31,8 +31,8 @@ class HealConfig:
 
     `lr` is Adam's rate for the query, keys, gate, projection and output scale, `value_lr` its rate for the value
     rows. Both warm up for `warmup` steps, then decay on a cosine. `holdout`: the share of texts (the last ones) kept
-    out of training to measure the fit. `written` adds up to that many passages the base model writes itself (`written_tokens` each, continuing the opening
-    words of the given texts): the memory fits the replaced MLPs on more of the text the model actually meets.
+    out of training to measure the fit. `written` adds up to that many passages the base model writes itself
+    (`written_tokens` each, continuing the opening words of the given texts): more of the text the model meets.
     """
 
     steps: int = 1000
