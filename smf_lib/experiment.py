@@ -15,7 +15,16 @@ import torch
 from .analysis import parameter_changes
 from .augment import augment as augment_facts
 from .data import Fact, KnownFact, load_background, load_facts, load_heldout_text, load_known_facts
-from .evaluation import TextScores, bootstrap_interval, complete, contains_answer, fact_recall, hit_rate, score_texts
+from .evaluation import (
+    TextScores,
+    bootstrap_interval,
+    complete,
+    contains_answer,
+    fact_recall,
+    hit_rate,
+    known_correct,
+    score_texts,
+)
 from .healing import HealConfig, heal
 from .models import default_device, load_base_model
 from .pipeline import prepare_memory
@@ -114,13 +123,13 @@ def _retrofit_and_heal(model: torch.nn.Module, tokenizer, texts: Sequence[str], 
     use on the healed model. The record holds perplexity and known-fact accuracy of the base model, and before and
     after healing: what healing does not restore is forgotten before any fact is taught."""
     def known_acc() -> float:
-        answers = complete(model, tokenizer, [k.prompt for k in known])
-        return sum(contains_answer(c, k.answers()) for c, k in zip(answers, known)) / max(len(known), 1)
+        return sum(known_correct(model, tokenizer, known)) / max(len(known), 1)
 
     record = {"ppl_base": score_texts(model, tokenizer, heldout).perplexity, "known_fact_acc_base": known_acc()}
     retrofit(model, config)
     record["ppl_before"] = score_texts(model, tokenizer, heldout).perplexity
-    result = heal(model, tokenizer, [t for t in texts if t not in set(heldout)], healing, progress)
+    measured = set(heldout)
+    result = heal(model, tokenizer, [t for t in texts if t not in measured], healing, progress)
     record.update(ppl_after=score_texts(model, tokenizer, heldout).perplexity, known_fact_acc_after=known_acc(),
                   **result.as_dict())
     return collect_background(model, tokenizer, texts, progress=progress), record
@@ -321,8 +330,8 @@ def run_experiment(profile: str | Profile | None, hypers: dict[str, dict], facts
     augment = profile.run.augment if augment is None else augment
     out = Path(out or Path("results") / profile.name)
     runs = []
+    memory = replace(profile.memory, mode=mode or profile.memory.mode)
     for seed in seeds:
-        memory = replace(profile.memory, mode=mode or profile.memory.mode)
         setup = prepare(profile, "test", facts_path, seed, memory, augment, progress)
         runs.append(new_summary(setup, seed))
         for method, hyper in hypers.items():
