@@ -40,7 +40,7 @@ CONTRACT_KEYS = ("forward_overhead_ratio", "smf_step_vs_full_ft_ratio", "smf_ste
                  "smf_peak_mem_vs_full_ft_ratio", "selection_overhead_frac", "pkm_vs_reference_ratio")
 # Upper bounds the project aims for; the table marks each figure against them.
 TARGETS = {"forward_overhead_ratio": 1.10, "smf_step_vs_full_ft_ratio": 0.35, "smf_step_vs_lora_ratio": 0.65,
-           "smf_peak_mem_vs_full_ft_ratio": 0.55, "selection_overhead_frac": 0.05, "pkm_vs_reference_ratio": 0.80}
+           "smf_peak_mem_vs_full_ft_ratio": 0.50, "selection_overhead_frac": 0.05, "pkm_vs_reference_ratio": 0.80}
 STEP_METHODS = ("smf_kl", "full_ft", "lora")
 BATCH, SEQ_LEN, WARMUP = 8, 64, 1
 SLOT_SCALING_KEYS = (128, 256, 512)

@@ -21,11 +21,62 @@ class SlotAccess:
     weights: torch.Tensor
 
 
+class ReadGradients:
+    """The value table's gradient kept in factored form: each backward's slot indices, weights and output gradient.
+
+    A sparse update needs the gradient of a few hundred rows, while a dense table gradient is zero-filled and
+    scattered for every one of `n_slots` rows at each step. Kept this way, `rows(r)` forms only the rows asked for,
+    and exactly: a row's gradient is the sum of `weight * output gradient` over every read of it.
+    """
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The gradient of value rows `rows` (one per row) summed over the kept backwards; None if none was kept."""
+        if not self.reads:
+            return None
+        grad = self.reads[0][2]
+        out = grad.new_zeros(len(rows), grad.shape[1])
+        if not len(rows):
+            return out
+        ordered, order = rows.sort()
+        for indices, weights, grad in self.reads:
+            flat = indices.reshape(-1)
+            at = torch.searchsorted(ordered, flat).clamp_max(len(rows) - 1)
+            hit = (ordered[at] == flat).nonzero().squeeze(1)
+            token = hit.div(indices.shape[1], rounding_mode="floor")
+            out.index_add_(0, order[at[hit]], grad[token] * weights.reshape(-1)[hit, None])
+        return out
+
+    def clear(self) -> None:
+        """Forget the kept backwards."""
+        self.reads = []
+
+
+class _KeepReadGradients(torch.autograd.Function):
+    """Adds zero to a read in the forward; its backward files the reads and their output gradient for later."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                sink: ReadGradients) -> torch.Tensor:
+        ctx.save_for_backward(indices, weights)
+        ctx.sink = sink
+        return table.new_zeros(len(indices), table.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, None, None]:
+        indices, weights = ctx.saved_tensors
+        ctx.sink.reads.append((indices, weights, grad))
+        return None, None, None, None
+
+
 class ProductKeyMemory(nn.Module):
     """Product-key memory: `n_keys**2` value slots, exact top-k lookup over two sub-key tables per head.
 
     Output is `scale * proj(values(topk(x)) * silu(gate(x)))`; with zero-initialised values it is exactly zero,
-    so adding the layer beside an MLP leaves a pretrained model's function unchanged.
+    so adding the layer beside an MLP leaves a pretrained model's function unchanged. With `read_gradients` set,
+    the value table gets no `.grad`: its gradient goes there in factored form (see `ReadGradients`).
     """
 
     def __init__(
@@ -57,6 +108,7 @@ class ProductKeyMemory(nn.Module):
         self.register_buffer("candidate_pairs", torch.tensor(ranks).T.contiguous(), persistent=False)
         self.recording = False
         self.last_access: SlotAccess | None = None
+        self.read_gradients: ReadGradients | None = None
 
     @property
     def n_slots(self) -> int:
@@ -94,7 +146,12 @@ class ProductKeyMemory(nn.Module):
         if self.recording:
             shape = (*lead, self.heads, self.topk)
             self.last_access = SlotAccess(indices.view(shape), weights.detach().view(shape))
-        read = self.values(indices.view(len(flat), -1),
-                           per_sample_weights=weights.view(len(flat), -1).to(self.values.weight.dtype))
+        bags, per_read = indices.view(len(flat), -1), weights.view(len(flat), -1).to(self.values.weight.dtype)
+        table = self.values.weight
+        if self.read_gradients is not None and table.requires_grad and torch.is_grad_enabled():
+            read = F.embedding_bag(bags, table.detach(), per_sample_weights=per_read, mode="sum")
+            read = read + _KeepReadGradients.apply(table, bags, per_read.detach(), self.read_gradients)
+        else:
+            read = self.values(bags, per_sample_weights=per_read)
         out = self.proj(read * F.silu(self.gate(flat))) * self.scale
         return out.view(*lead, self.dim)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from .losses import predicting
+from .memory import ReadGradients
 from .retrofit import memory_layers
 from .selection import kl_scores, random_scores, select_top, tfidf_scores
 from .stats import SlotStats, access_counts
@@ -21,11 +22,12 @@ class RowSGD:
         self.tables, self.lr = tables, lr
 
     @torch.no_grad()
-    def step(self, rows: list[torch.Tensor]) -> None:
-        """Update `tables[j][rows[j]]` from their gradients; every other row stays exactly as it was."""
-        for table, r in zip(self.tables, rows):
+    def step(self, rows: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> None:
+        """Update `tables[j][rows[j]]` from their gradients (`grads[j]`, else the tables' `.grad` rows); every other
+        row stays exactly as it was."""
+        for table, r, g in zip(self.tables, rows, grads or [t.grad[r] for t, r in zip(self.tables, rows)]):
             if len(r):
-                table[r] -= self.lr * table.grad[r]
+                table[r] -= self.lr * g
 
 
 class RowAdam:
@@ -57,10 +59,11 @@ class RowAdam:
         return sum(len(s["steps"]) for s in self.state)
 
     @torch.no_grad()
-    def step(self, rows: list[torch.Tensor]) -> None:
-        """One Adam step on `tables[j][rows[j]]` only."""
+    def step(self, rows: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> None:
+        """One Adam step on `tables[j][rows[j]]` only, from `grads[j]` (else the tables' `.grad` rows)."""
         b1, b2 = self.betas
-        for table, r, s in zip(self.tables, rows, self.state):
+        grads = grads or [t.grad[r] for t, r in zip(self.tables, rows)]
+        for table, r, g, s in zip(self.tables, rows, grads, self.state):
             if not len(r):
                 continue
             new = r[s["slot_of"][r] < 0]
@@ -69,7 +72,7 @@ class RowAdam:
                 s["m"] = torch.cat([s["m"], table.new_zeros(len(new), table.shape[1])])
                 s["v"] = torch.cat([s["v"], table.new_zeros(len(new), table.shape[1])])
                 s["steps"] = torch.cat([s["steps"], table.new_zeros(len(new))])
-            slot, g = s["slot_of"][r], table.grad[r]
+            slot = s["slot_of"][r]
             s["steps"][slot] += 1
             m = s["m"][slot].mul_(b1).add_(g, alpha=1 - b1)
             s["m"][slot] = m
@@ -86,6 +89,11 @@ class RowAdam:
             if self.weight_decay:
                 update += self.weight_decay * table[r]
             table[r] -= self.lr * update
+
+
+def _distributed() -> bool:
+    """Whether torch.distributed runs several processes' training together."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 SCORES = ("kl", "tfidf", "random")
@@ -112,6 +120,9 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
     forward. Counts add up over gradient-accumulation micro-batches until `step()`, and are summed over processes
     (torch.distributed, or `reduce`) so that all select the same rows. Learning-rate schedulers act on `param_groups`
     as usual. The optimizer freezes everything but the value tables and hooks into the model; `detach()` undoes both.
+    In one process the value tables get no dense `.grad`: their gradient is kept factored (`ReadGradients`) and only
+    the selected rows are formed, which spares a step zero-filling and scattering every table (gradient clipping
+    then leaves them alone; Adam's update does not depend on the gradient's scale).
 
     Example:
         >>> background = prepare_memory(model, tokenizer, load_background()[:300])
@@ -151,6 +162,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         self.selection_seconds = 0.0  # counting slots and choosing rows since the last step
         self.last_selection_seconds = 0.0  # the same for the last step (on a GPU: launch time, not waited for)
         self._chosen: torch.Tensor | None = None
+        self._read_gradients = [ReadGradients() for _ in self.layers]
         self._positions: torch.Tensor | None = None
         self._was_recording = [m.recording for m in self.layers]
         for m in self.layers:
@@ -172,6 +184,10 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
             self._positions = predicting(labels != -100)
         else:
             self._positions = None if mask is None else mask.bool()
+        # Across processes DDP reduces dense gradients, so the tables keep theirs there.
+        factored = self.reduce is None and not _distributed()
+        for m, sink in zip(self.layers, self._read_gradients):
+            m.read_gradients = sink if factored else None
 
     def _count(self, memory, args, output) -> None:
         access, memory.last_access = memory.last_access, None
@@ -208,16 +224,35 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         self.rows_optimizer.lr = group["lr"]
         if isinstance(self.rows_optimizer, RowAdam):
             self.rows_optimizer.weight_decay = group["weight_decay"]
-        self.rows_optimizer.step(rows)
+        self.rows_optimizer.step(rows, [self._gradient(m, sink, r)
+                                        for m, sink, r in zip(self.layers, self._read_gradients, rows)])
+        for sink in self._read_gradients:
+            sink.clear()
         self.last_rows, self.counts = rows, {}
         self.last_selection_seconds, self.selection_seconds = self.selection_seconds, 0.0
         return loss
+
+    @staticmethod
+    def _gradient(memory: torch.nn.Module, sink: ReadGradients, rows: torch.Tensor) -> torch.Tensor:
+        """The gradient of one table's `rows`: formed from the kept reads, else taken from its dense `.grad`."""
+        grad = sink.rows(rows)
+        if grad is not None:
+            return grad
+        if memory.values.weight.grad is None:
+            raise RuntimeError("SparseMemoryOptimizer.step() found no gradient: call backward() before step().")
+        return memory.values.weight.grad[rows]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the tables' gradients, dense or kept in factored form."""
+        for sink in self._read_gradients:
+            sink.clear()
+        super().zero_grad(set_to_none)
 
     def _summed(self, counts: torch.Tensor) -> torch.Tensor:
         """This process's counts summed over all processes, so that every process selects the same rows."""
         if self.reduce is not None:
             return self.reduce(counts)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed():
             counts = counts.clone()
             torch.distributed.all_reduce(counts)
         return counts
@@ -236,7 +271,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         for hook in self._hooks:
             hook.remove()
         for m, was in zip(self.layers, self._was_recording):
-            m.recording, m.last_access = was, None
+            m.recording, m.last_access, m.read_gradients = was, None, None
         for p, trainable in self._trainable:
             p.requires_grad_(trainable)
         self._hooks, self._trainable = [], []

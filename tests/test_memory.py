@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smf_lib.memory import ProductKeyMemory
+from smf_lib.memory import ProductKeyMemory, ReadGradients
 
 
 def exhaustive_topk(memory: ProductKeyMemory, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,3 +94,27 @@ def test_gradient_reaches_values_only_at_read_slots():
     touched = set(memory.last_access.indices.flatten().tolist())
     rows_with_grad = set(torch.nonzero(grad.abs().sum(-1)).flatten().tolist())
     assert rows_with_grad <= touched
+
+
+def test_factored_value_gradient_equals_the_dense_one():
+    """Kept as reads, the table's gradient forms the same rows as the dense `.grad` (rows never read: zero), sums
+    over several backwards, and leaves the gradient reaching the layer's input unchanged."""
+    torch.manual_seed(0)
+    memory = ProductKeyMemory(32, n_keys=16, heads=2, topk=4, key_dim=16)
+    torch.nn.init.normal_(memory.values.weight)  # non-zero values: the softmax weights get a gradient too
+    inputs = [torch.randn(2, 5, 32, requires_grad=True) for _ in range(2)]
+    upstream = [torch.randn(2, 5, 32) for _ in range(2)]
+    for x, g in zip(inputs, upstream):
+        (memory(x) * g).sum().backward()
+    dense, dense_inputs = memory.values.weight.grad.clone(), [x.grad.clone() for x in inputs]
+    memory.values.weight.grad = None
+    memory.read_gradients = ReadGradients()
+    for x, g in zip(inputs, upstream):
+        x.grad = None
+        (memory(x) * g).sum().backward()
+    assert memory.values.weight.grad is None
+    rows = torch.tensor([255, 3, 0, 17, 100, 42])
+    assert torch.allclose(memory.read_gradients.rows(rows), dense[rows], atol=1e-6)
+    assert torch.count_nonzero(memory.read_gradients.rows(torch.arange(256))) == torch.count_nonzero(dense)
+    for x, expected in zip(inputs, dense_inputs):
+        assert torch.allclose(x.grad, expected, atol=1e-6)
