@@ -139,7 +139,15 @@ class ProductKeyMemory(nn.Module):
         return indices, torch.softmax(scores / self.temperature, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Read the memory for every position of `x` (..., dim)."""
+        """Read the memory for every position of `x` (..., dim).
+
+        Always in the memory's own precision, also under autocast: bf16 queries would pick other slots in training
+        than the same text reads in evaluation, and a fact would be written where it is never looked up.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            return self._read(x.to(self.query.weight.dtype)).to(x.dtype)
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.dim)
         indices, weights = self.address(flat)

@@ -23,6 +23,7 @@ SPARSE_METHODS = ("smf_kl", "smf_tfidf", "smf_random")
 DENSE_METHODS = ("full_ft", "lora")
 METHODS = SPARSE_METHODS + DENSE_METHODS
 COUNT_POSITIONS = ("answer", "subject", "entities", "entity_ends", "both", "all")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOCALITY_TOKENS = 1024  # background tokens sampled per step for the locality term
 DEFAULT_LR = {"smf_kl": 3.0, "smf_tfidf": 3.0, "smf_random": 3.0, "full_ft": 3e-5, "lora": 3e-4}
 
@@ -43,6 +44,7 @@ class TrainConfig:
     locality: float = 0.0            # sparse methods: weight of locality_penalty in the loss
     lora_rank: int = 16
     max_length: int = 64
+    precision: str = "auto"          # the forward's autocast precision: "auto" (see autocast_dtype), "fp32", ...
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +57,11 @@ class TrainConfig:
                              f"{self.method}.")
         if self.count_on not in COUNT_POSITIONS:
             raise ValueError(f"count_on must be one of {', '.join(COUNT_POSITIONS)}, got {self.count_on!r}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.precision == "fp16" and self.method in SPARSE_METHODS:
+            raise ValueError("fp16 needs loss scaling, which sparse memory finetuning's factored gradients do not "
+                             "take: use precision='bf16' or 'fp32' for it.")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
 
@@ -194,23 +201,53 @@ def locality_penalty(model: torch.nn.Module, inputs: dict[int, torch.Tensor], n_
     return total
 
 
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype of training's forward under autocast, None for fp32; weights, gradients and optimizer state stay
+    fp32, and the memory layer reads in fp32 either way.
+
+    "auto" takes bf16 on a GPU that has it. On one that has not (a T4) the dense methods take fp16 with loss
+    scaling and sparse memory finetuning fp32 (its factored gradients take no loss scaling, and its backward is
+    short). On the CPU it takes fp32, so that results stay comparable between machines.
+    """
+    precision = config.precision
+    if precision == "auto":
+        if device.type != "cuda":
+            precision = "fp32"
+        elif torch.cuda.is_bf16_supported(including_emulation=False):
+            precision = "bf16"
+        else:
+            precision = "fp32" if config.method in SPARSE_METHODS else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision='fp16' needs a CUDA device, not {device.type}: use 'bf16' or 'fp32'.")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-               config: TrainConfig, accelerator: Accelerator) -> float:
+               config: TrainConfig, accelerator: Accelerator, scaler: torch.amp.GradScaler | None = None) -> float:
     """One training step on a collated batch (this process's share of it); returns the batch's mean token loss.
 
     The loss is the mean over the whole batch across processes; DDP averages gradients, so the local sum is
-    scaled by the number of processes.
+    scaled by the number of processes. The forward runs under autocast as `autocast_dtype` says; `scaler` scales
+    the loss of an fp16 step.
     """
     if isinstance(optimizer, SparseMemoryOptimizer):
         optimizer.count_at(counted_positions(batch, config.count_on))
-    loss_sum, n_local = token_loss_sum(model, batch, config.loss_on)
-    n_tokens = accelerator.reduce(n_local.float(), "sum")
-    loss = loss_sum * accelerator.num_processes / n_tokens.clamp_min(1)
-    if config.locality and isinstance(optimizer, SparseMemoryOptimizer):
-        loss = loss + config.locality * locality_penalty(model, optimizer.background.inputs, LOCALITY_TOKENS,
-                                                         optimizer.generator)
-    accelerator.backward(loss)
-    optimizer.step()
+    device = batch["input_ids"].device
+    dtype = autocast_dtype(config, device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        loss_sum, n_local = token_loss_sum(model, batch, config.loss_on)
+        n_tokens = accelerator.reduce(n_local.float(), "sum")
+        loss = loss_sum * accelerator.num_processes / n_tokens.clamp_min(1)
+        if config.locality and isinstance(optimizer, SparseMemoryOptimizer):
+            loss = loss + config.locality * locality_penalty(model, optimizer.background.inputs, LOCALITY_TOKENS,
+                                                             optimizer.generator)
+    if scaler is None:
+        accelerator.backward(loss)
+        optimizer.step()
+    else:
+        accelerator.backward(scaler.scale(loss))
+        scaler.step(optimizer)  # skips a step whose gradients overflowed, and lowers the scale
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return accelerator.reduce(loss_sum.detach(), "sum").item() / max(n_tokens.item(), 1)
 
@@ -263,12 +300,14 @@ def train(
     model, optimizer, params_trained = make_optimizer(model, config, background, accelerator)
     model = accelerator.prepare(model)
     batches = Batches(facts, tokenizer, config, accelerator)
+    fp16 = autocast_dtype(config, accelerator.device) == torch.float16
+    scaler = torch.amp.GradScaler(accelerator.device.type) if fp16 else None
     history = History(params_trained=params_trained)
     bar = tqdm(range(config.steps), desc=config.method, disable=not (progress and accelerator.is_main_process))
     try:
         for step in bar:
             start = time.perf_counter()
-            loss = train_step(model, optimizer, batches.next(), config, accelerator)
+            loss = train_step(model, optimizer, batches.next(), config, accelerator, scaler)
             if isinstance(optimizer, SparseMemoryOptimizer):
                 history.selected.append({m.layer_index: len(r) for m, r in zip(optimizer.layers, optimizer.last_rows)})
             history.loss.append(loss)

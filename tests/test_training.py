@@ -9,7 +9,8 @@ import torch
 
 from smf_lib.data import load_facts
 from smf_lib.retrofit import memory_layers
-from smf_lib.training import METHODS, TrainConfig, locality_penalty, train
+from smf_lib.stats import recording
+from smf_lib.training import METHODS, TrainConfig, autocast_dtype, locality_penalty, train
 
 FACTS = load_facts(limit=4)
 
@@ -106,3 +107,39 @@ def test_locality_needs_the_background_inputs(tiny):
     with pytest.raises(ValueError, match="locality term needs background layer inputs"):
         train(copy.deepcopy(model), tokenizer, FACTS, TrainConfig(steps=1, locality=1.0),
               background=dataclasses.replace(background, inputs=None), progress=False)
+
+
+def test_precision_auto_is_fp32_on_cpu_and_mixed_on_gpus(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object only: nothing runs on it
+    assert autocast_dtype(TrainConfig(method="full_ft"), cpu) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast_dtype(TrainConfig(method="smf_kl"), cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a T4
+    assert autocast_dtype(TrainConfig(method="full_ft"), cuda) == torch.float16
+    assert autocast_dtype(TrainConfig(method="smf_kl"), cuda) is None
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        autocast_dtype(TrainConfig(method="lora", precision="fp16"), cpu)
+    with pytest.raises(ValueError, match="loss scaling"):
+        TrainConfig(method="smf_kl", precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="half")
+
+
+@pytest.mark.parametrize("method", ["smf_kl", "full_ft"])
+def test_bf16_autocast_trains_and_the_memory_reads_the_same_slots(tiny, method, checked_steps):
+    """Under bf16 autocast the base runs in bf16 while the memory still addresses in fp32: the slots a training
+    forward reads are those an fp32 forward of the same input reads."""
+    model, tokenizer, _ = tiny
+    memory = memory_layers(model)[0]
+    x = torch.randn(2, 5, memory.dim)
+    with recording(model):
+        memory(x)
+        fp32 = memory.last_access.indices
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            memory(x)
+        assert torch.equal(memory.last_access.indices, fp32)
+    trained, history = _trained(tiny, method=method, steps=3, batch_size=4, precision="bf16")
+    assert all(torch.isfinite(torch.tensor(history.loss)))
+    assert all(p.dtype == torch.float32 for p in trained.parameters())
+    if method == "smf_kl":
+        assert len(checked_steps) == 3
