@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import math
 import os
 import platform
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -28,13 +24,15 @@ from tqdm.auto import tqdm
 
 from .data import Fact, load_background
 from .files import write_json
+from .memory import ReadGradients
 from .models import default_device, load_base_model
 from .pipeline import prepare_memory
 from .profiles import Profile, get_profile
-from .retrofit import MemoryConfig, load_memory, memory_layers, retrofit, save_memory
+from .retrofit import MemoryConfig, memory_layers
 from .stats import SlotStats
-from .timing import interleaved, median, peak_memory_mb
-from .training import Batches, TrainConfig, make_optimizer, train, train_step
+from .timing import interleaved, median
+from .training import Batches, TrainConfig, make_optimizer, train_step
+from .workloads import BATCH, SEQ_LEN, bench_memory, gpu_profile_peaks, long_facts, text_batch
 
 CONTRACT_KEYS = ("forward_overhead_ratio", "smf_step_vs_full_ft_ratio", "smf_step_vs_lora_ratio",
                  "smf_peak_mem_vs_full_ft_ratio", "selection_overhead_frac", "pkm_vs_reference_ratio")
@@ -42,58 +40,9 @@ CONTRACT_KEYS = ("forward_overhead_ratio", "smf_step_vs_full_ft_ratio", "smf_ste
 TARGETS = {"forward_overhead_ratio": 1.10, "smf_step_vs_full_ft_ratio": 0.35, "smf_step_vs_lora_ratio": 0.65,
            "smf_peak_mem_vs_full_ft_ratio": 0.50, "selection_overhead_frac": 0.05, "pkm_vs_reference_ratio": 0.80}
 STEP_METHODS = ("smf_kl", "full_ft", "lora")
-BATCH, SEQ_LEN, WARMUP = 8, 64, 1
-SLOT_SCALING_KEYS = (128, 256, 512)
+WARMUP = 1
+SLOT_SCALING_KEYS = (128, 256, 512, 1024)  # 16k to 1M slots
 SEQ_SCALING = (64, 128, 256, 512)
-MEMORY_STEPS = 2        # the second step holds weights, gradients, optimizer state and activations at once
-
-
-# ---------------------------------------------------------------- inputs
-
-def _chunks(tokenizer, texts: Sequence[str], n: int, seq_len: int) -> list[list[str]]:
-    """`n` runs of consecutive background passages, each at least `seq_len` tokens when joined with spaces."""
-    chunks, current, length = [], [], 0
-    for text in texts:
-        current.append(text)
-        length += len(tokenizer(text)["input_ids"]) + 1
-        if length >= seq_len + 4:
-            chunks.append(current)
-            current, length = [], 0
-            if len(chunks) == n:
-                return chunks
-    raise ValueError(f"Not enough background text for {n} passages of {seq_len} tokens.")
-
-
-def text_batch(tokenizer, texts: Sequence[str], device: torch.device, batch: int = BATCH,
-               seq_len: int = SEQ_LEN) -> dict[str, torch.Tensor]:
-    """A (batch, seq_len) batch of real text with no padding."""
-    enc = tokenizer([" ".join(c) for c in _chunks(tokenizer, texts, batch, seq_len)], return_tensors="pt",
-                    truncation=True, max_length=seq_len)
-    return {k: v.to(device) for k, v in enc.items()}
-
-
-def _answer_word(tokenizer, chunk: str, seq_len: int) -> str:
-    """The last whole word of the chunk's first `seq_len - 1` tokens that does not occur again later, so that the
-    trained "answer" sits near the end of the truncated sequence, as in a fact sentence."""
-    offsets = tokenizer(chunk, return_offsets_mapping=True, truncation=True, max_length=seq_len)["offset_mapping"]
-    limit = offsets[-2][1]
-    for word in reversed(chunk[:limit].split()):
-        word = word.strip(".,;:!?\"'()")
-        end = chunk.rindex(word) + len(word) if word else 0
-        if len(word) >= 3 and word.isalpha() and end <= limit and not chunk[end:end + 1].isalpha():
-            return word
-    raise ValueError(f"No usable answer word in {chunk[:limit]!r}.")
-
-
-def long_facts(tokenizer, texts: Sequence[str], n: int = 2 * BATCH, seq_len: int = SEQ_LEN) -> list[Fact]:
-    """Facts whose one training sentence is `seq_len`+ tokens of background text and whose "answer" is a word near
-    its end: training batches are then (8, seq_len) like the forward batch, not the short sentences of the fact set."""
-    facts = []
-    for i, passages in enumerate(_chunks(tokenizer, texts, n, seq_len)):
-        chunk = " ".join(passages)
-        facts.append(Fact(f"bench{i:03d}", _answer_word(tokenizer, chunk, seq_len), (chunk,), passages[0],
-                          (passages[0],)))
-    return facts
 
 
 # ---------------------------------------------------------------- forward overhead
@@ -151,71 +100,6 @@ def bench_steps(retro: torch.nn.Module, tokenizer, facts: Sequence[Fact], stats:
             "selection_top_t": trainers["smf_kl"].config.top_t}
 
 
-# ---------------------------------------------------------------- peak memory (child processes)
-
-def _peak_child(spec: str) -> None:
-    """Child-process entry: load the model and memory, train a few steps, print the peak memory as JSON."""
-    args = json.loads(spec)
-    torch.set_num_threads(args["threads"])
-    device = torch.device(args["device"])
-    model, tokenizer = load_base_model(args["model"])
-    # Retrofit first: load_memory then fills the memory in place (on a bare model it would check on a full copy).
-    model = load_memory(retrofit(model.to(device), MemoryConfig.from_dict(args["memory_config"])), args["memory"])
-    stats = SlotStats.load(args["stats"]) if args["method"].startswith("smf") else None
-    facts = long_facts(tokenizer, load_background(), seq_len=args["seq_len"])
-    config = TrainConfig(method=args["method"], steps=args["steps"], batch_size=args["batch"],
-                         max_length=args["seq_len"])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    before = peak_memory_mb(device)
-    train(model, tokenizer, facts, config, background=stats, progress=False)
-    print(json.dumps({"setup_mb": before, "peak_mb": peak_memory_mb(device)}))
-
-
-def _start_child(args: dict) -> subprocess.Popen:
-    """Start `_peak_child` in a fresh interpreter."""
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    code = "import sys; from smf_lib.bench import _peak_child; _peak_child(sys.argv[1])"
-    return subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=root)
-
-
-def _child_result(child: subprocess.Popen, method: str) -> dict:
-    """Wait for a child and return the JSON it printed last."""
-    stdout, stderr = child.communicate()
-    if child.returncode:
-        raise RuntimeError(f"Peak-memory run for {method} failed:\n{stderr[-3000:]}")
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
-def bench_memory(model_name: str, retro: torch.nn.Module, stats: SlotStats, device: torch.device,
-                 batch_size: int = BATCH, seq_len: int = SEQ_LEN,
-                 methods: Sequence[str] = ("smf_kl", "full_ft")) -> dict:
-    """Peak memory of a short training run per method, each in its own child process."""
-    with tempfile.TemporaryDirectory() as tmp:
-        memory, stats_path = (save_memory(retro, Path(tmp) / "memory.safetensors"),
-                              stats.save(Path(tmp) / "stats.safetensors"))
-        base = {"model": model_name, "memory": str(memory), "memory_config": asdict(retro.smf_memory_config),
-                "stats": str(stats_path), "device": str(device),
-                "threads": torch.get_num_threads(), "steps": MEMORY_STEPS, "batch": batch_size, "seq_len": seq_len}
-        # Peak RSS is per process, so the children may run at the same time (on CUDA they share the GPU: one by one).
-        if device.type == "cuda":
-            peaks = {m: _child_result(_start_child({**base, "method": m}), m) for m in methods}
-        else:
-            children = {m: _start_child({**base, "method": m}) for m in methods}
-            peaks = {m: _child_result(child, m) for m, child in children.items()}
-    smf, full = peaks["smf_kl"], peaks["full_ft"]
-    how = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-           "peak resident set size (VmHWM of /proc/self/status, else ru_maxrss)")
-    return {"smf_peak_mem_vs_full_ft_ratio": smf["peak_mb"] / full["peak_mb"],
-            "smf_peak_mem_increase_vs_full_ft_ratio": (smf["peak_mb"] - smf["setup_mb"]) /
-                                                      max(full["peak_mb"] - full["setup_mb"], 1e-9),
-            "peak_mem_mb": peaks, "memory_steps": MEMORY_STEPS,
-            "memory_measured_by": f"{how}, one child process per method: model + memory loaded, then "
-                                  f"{MEMORY_STEPS} training steps"}
-
-
 # ---------------------------------------------------------------- our memory layer vs the reference PKM
 
 def _reference_pkm(dim: int, memory: MemoryConfig) -> tuple[torch.nn.Module, dict]:
@@ -234,7 +118,9 @@ def _reference_pkm(dim: int, memory: MemoryConfig) -> tuple[torch.nn.Module, dic
 
 def bench_pkm(dim: int, memory: MemoryConfig, repeats: int, device: torch.device, batch: int = BATCH,
               seq_len: int = SEQ_LEN) -> dict:
-    """Forward + backward of our memory layer and the reference PKM, same sizes and input, interleaved."""
+    """Forward + backward of our memory layer and the reference PKM, same sizes and input, interleaved: ours as sparse
+    training runs it, its value gradient kept factored and formed for top-t rows (the contract figure), and ours with
+    a dense value gradient like the reference's."""
     try:
         reference, ref_config = _reference_pkm(dim, memory)
     except ImportError:
@@ -247,17 +133,26 @@ def bench_pkm(dim: int, memory: MemoryConfig, repeats: int, device: torch.device
         raise RuntimeError(f"Output shapes differ: ours {tuple(ours(x).shape)}, "
                            f"reference {tuple(reference(x).shape)}.")
 
+    factored = copy.deepcopy(ours)
+    factored.read_gradients = ReadGradients()
+    rows = torch.randperm(ours.n_slots, device=device)[:TrainConfig().top_t]
+
     def step(module: torch.nn.Module) -> Callable[[], None]:
         def run() -> None:
             module.zero_grad(set_to_none=True)
             (module(x) * grad).sum().backward()
+            if getattr(module, "read_gradients", None) is not None:
+                module.read_gradients.rows(rows)
+                module.read_gradients.clear()
         return run
 
-    times = interleaved({"ours": step(ours), "reference": step(reference)}, repeats, device)
-    ours_s, ref_s = median(times["ours"]), median(times["reference"])
+    times = interleaved({"ours": step(factored), "ours_dense": step(ours), "reference": step(reference)}, repeats,
+                        device)
+    seconds = {name: median(t) for name, t in times.items()}
     params = {"ours": sum(p.numel() for p in ours.parameters()),
               "reference": sum(p.numel() for p in reference.parameters())}
-    return {"pkm_vs_reference_ratio": ours_s / ref_s, "pkm_seconds": {"ours": ours_s, "reference": ref_s},
+    return {"pkm_vs_reference_ratio": seconds["ours"] / seconds["reference"],
+            "pkm_dense_vs_reference_ratio": seconds["ours_dense"] / seconds["reference"], "pkm_seconds": seconds,
             "pkm_reference": {**ref_config, "input": [batch, seq_len, dim], "params": params}}
 
 
@@ -305,8 +200,11 @@ def _prepare(profile: Profile, device: torch.device, progress: bool):
 
 
 def run_bench(profile: str | Profile | None = "cpu", out: str | Path | None = None, repeats: int = 7,
-              progress: bool = True) -> dict:
-    """Run the performance suite for a profile, write `results/bench-<profile>.json` (or `out`) and return it."""
+              progress: bool = True, gpu_budget: bool | None = None) -> dict:
+    """Run the performance suite for a profile, write `results/bench-<profile>.json` (or `out`) and return it.
+
+    `gpu_budget` (default: on for the cpu and gpu profiles) adds the gpu profile's peak memory per method, measured
+    on a stand-in of its model (`workloads.gpu_profile_peaks`)."""
     profile = get_profile(profile)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
@@ -315,7 +213,9 @@ def run_bench(profile: str | Profile | None = "cpu", out: str | Path | None = No
     result = {"profile": profile.name, "model": profile.model, "repeats": repeats,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "hardware": hardware_info(device), "batch": [BATCH, SEQ_LEN], "warmup": WARMUP}
-    phases, clock = tqdm(total=6, desc="bench", disable=not progress), time.perf_counter()
+    # The gpu profile's budget, on a stand-in of its model, from the profiles that can run it offline.
+    budget = profile.name in ("cpu", "gpu") if gpu_budget is None else gpu_budget
+    phases, clock = tqdm(total=6 + budget, desc="bench", disable=not progress), time.perf_counter()
     base, retro, tokenizer, texts, stats = _prepare(profile, device, progress)
     dim = retro.get_input_embeddings().embedding_dim
     facts = long_facts(tokenizer, texts)
@@ -330,7 +230,7 @@ def run_bench(profile: str | Profile | None = "cpu", out: str | Path | None = No
         ("peak memory", lambda: bench_memory(profile.model, retro, stats, device)),
         ("pkm reference", lambda: bench_pkm(dim, profile.memory, repeats, device)),
         ("scaling", lambda: bench_scaling(dim, profile.memory, repeats, device)),
-    ]:
+    ] + [("gpu profile budget", gpu_profile_peaks)] * budget:
         phases.set_postfix_str(name)
         clock = time.perf_counter()
         result.update(measure())
@@ -367,12 +267,17 @@ def format_table(result: dict) -> str:
         lines.append(f"  train step {method:<21}{_fmt(seconds)}")
     lines.append(f"  slot counts + top-t selection   {_fmt(result['selection_seconds'])}")
     if "pkm_seconds" in result:
-        lines.append(f"  memory layer fwd+bwd ours / PKM {_fmt(result['pkm_seconds']['ours'])} / "
-                     f"{_fmt(result['pkm_seconds']['reference'])}")
+        pkm = result["pkm_seconds"]
+        lines.append(f"  memory layer fwd+bwd ours / PKM {_fmt(pkm['ours'])} / {_fmt(pkm['reference'])}"
+                     f"  (ours with a dense value gradient: {_fmt(pkm['ours_dense'])})")
     peaks = result["peak_mem_mb"]
     lines.append(f"peak memory MB smf_kl / full_ft  {peaks['smf_kl']['peak_mb']:.0f} / "
                  f"{peaks['full_ft']['peak_mb']:.0f}"
                  f"  ({result['memory_measured_by'].split(',')[0]})")
+    if "gpu_profile_peak_mb" in result:
+        budget = result["gpu_profile_budget"]
+        lines.append(f"gpu profile peak MB on {budget['model']}: " + ", ".join(
+            f"{m} {mb:.0f}" for m, mb in result["gpu_profile_peak_mb"].items()) + f"  (a T4 has {budget['t4_mb']})")
     scaling = result["memory_scaling"]
     lines.append("memory forward by slots:   " + ", ".join(f"{s['slots']}: {_fmt(s['seconds'])}"
                                                            for s in scaling["by_slots"]))

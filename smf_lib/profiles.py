@@ -21,7 +21,8 @@ class RunSizes:
 
     `run` trains each method on the first `n_facts` test facts (None: all) until fact recall reaches
     `target_recall` or `max_steps` run out, evaluated every `eval_every` steps. `tune` tries every rate of
-    `lr_grid` on the first `tune_facts` tune facts within `tune_steps`. `None` for a text count means all.
+    `lr_grid` on the first `tune_facts` tune facts within `tune_steps`. `None` for a text or known-fact count means
+    all.
     """
 
     n_facts: int | None
@@ -33,6 +34,7 @@ class RunSizes:
     target_recall: float = 0.9
     n_background: int | None = None
     n_heldout: int | None = None
+    n_known: int | None = None  # known facts scored (a smoke run's budget; reported runs use all)
     augment: int = 0  # wordings the model writes per fact, added to its training sentences (`run --augment N`)
 
 

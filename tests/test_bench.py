@@ -6,6 +6,7 @@ import math
 import pytest
 
 from smf_lib.bench import CONTRACT_KEYS, format_table, run_bench
+from smf_lib.workloads import gpu_profile_peaks
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ def test_written_file_equals_the_result(bench_run):
 
 def test_scaling_lists(bench_run):
     scaling = bench_run[0]["memory_scaling"]
-    assert [s["slots"] for s in scaling["by_slots"]] == [128**2, 256**2, 512**2]
+    assert [s["slots"] for s in scaling["by_slots"]] == [128**2, 256**2, 512**2, 1024**2]
     assert [s["seq_len"] for s in scaling["by_seq_len"]] == [64, 128, 256, 512]
     assert all(s["seconds"] > 0 for s in scaling["by_slots"] + scaling["by_seq_len"])
 
@@ -47,3 +48,13 @@ def test_table_mentions_every_key(bench_run):
 def test_unknown_profile_is_refused(tmp_path):
     with pytest.raises(ValueError, match="profile"):
         run_bench("nope", tmp_path / "b.json", progress=False)
+
+
+def test_gpu_profile_budget_runs_its_children(bench_run):
+    """The budget's child processes train and score beside a reference copy; here on the tiny profile and model."""
+    result = gpu_profile_peaks(profile="tiny", model="tiny", methods=("smf_kl", "lora"))
+    peaks, budget = result["gpu_profile_peak_mb"], result["gpu_profile_budget"]
+    assert set(peaks) == {"smf_kl", "lora"} and all(mb > 0 for mb in peaks.values())
+    assert budget["fits_t4"] and budget["model"] == "tiny" and budget["profile"] == "tiny"
+    assert all(budget["run_peak_mb"][m] >= mb for m, mb in peaks.items())
+    assert "gpu profile peak MB" in format_table({**bench_run[0], **result})

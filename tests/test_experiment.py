@@ -2,6 +2,7 @@
 per-layer attribution of a trained memory."""
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,8 +12,9 @@ import torch
 
 from smf_lib.analysis import layer_attribution, snapshot
 from smf_lib.data import load_facts
-from smf_lib.experiment import evaluate, prepare
-from smf_lib.models import load_base_model
+from smf_lib.experiment import evaluate, prepare, run_experiment
+from smf_lib.models import QWEN_STANDIN, load_base_model
+from smf_lib.profiles import get_profile
 from smf_lib.retrofit import memory_layers
 
 METHOD_KEYS = {"fact_recall", "paraphrase_recall", "heldout_ppl", "ppl_increase_pct", "kl_to_base", "known_fact_acc",
@@ -97,6 +99,20 @@ def test_replace_mode_heals_before_training(tmp_path):
     # the tiny model is random, so whether healing helps is tested on the real one (test_healing.py)
     assert summary["methods"]["smf_kl"]["steps"] > 0
     assert "memory healed" in (tmp_path / "report.md").read_text()
+
+
+def test_run_on_a_stand_in_of_the_gpu_profiles_model(tmp_path):
+    """`run`'s code path at the gpu profile's memory and training settings, on a randomly initialised model of
+    Qwen2.5-0.5B's shape: no download and no GPU needed, a one-step budget."""
+    gpu = get_profile("gpu")
+    sizes = dataclasses.replace(gpu.run, n_facts=2, max_steps=1, eval_every=1, n_background=8, n_heldout=2,
+                                n_known=4)
+    profile = dataclasses.replace(gpu, model=QWEN_STANDIN, run=sizes)
+    summary = run_experiment(profile, {"smf_kl": {"lr": 1.0}, "lora": {"lr": 1e-4}}, out=tmp_path, progress=False)
+    assert summary["model"] == QWEN_STANDIN and summary["retrofit"]["layers"] == [18, 21]  # 3/4 and 9/10 of 24
+    assert summary["retrofit"]["max_abs_logit_diff"] == 0.0  # additive: the model's function is unchanged
+    assert all(summary["methods"][m]["steps"] == 1 for m in ("smf_kl", "lora"))
+    assert (tmp_path / "report.md").exists() and (tmp_path / "pareto.png").exists()
 
 
 def test_unknown_method_is_a_clear_error(tmp_path):

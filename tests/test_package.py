@@ -17,7 +17,7 @@ PACKAGE = ROOT / "smf_lib"
 ORDER = ["files", "timing", "hub", "losses", "models", "memory", "retrofit", "data", "augment", "stats", "calibration",
          "healing", "pipeline", "selection", "optim", "training", "profiles", "evaluation", "analysis", "patches",
          "report", "experiment", "tuning", "plots", "ablation", "stream", "training_plots", "reads", "widgets",
-         "figures", "bench", "__main__"]
+         "figures", "workloads", "bench", "__main__"]
 
 
 def test_public_api_names_exist():
