@@ -31,7 +31,7 @@ from .profiles import Profile, get_profile
 from .retrofit import MemoryConfig, memory_layers
 from .stats import SlotStats
 from .timing import interleaved, median
-from .training import Batches, TrainConfig, make_optimizer, train_step
+from .training import Batches, TrainConfig, grad_scaler, make_optimizer, train_step
 from .workloads import BATCH, SEQ_LEN, bench_memory, gpu_profile_peaks, long_facts, text_batch
 
 CONTRACT_KEYS = ("forward_overhead_ratio", "smf_step_vs_full_ft_ratio", "smf_step_vs_lora_ratio",
@@ -69,10 +69,11 @@ class _Trainer:
         model, self.optimizer, self.params_trained = make_optimizer(copy.deepcopy(retro), self.config, stats)
         self.model = self.accelerator.prepare(model.eval())
         self.batches = Batches(facts, tokenizer, self.config, self.accelerator)
+        self.scaler = grad_scaler(self.config, self.accelerator.device)
 
     def step(self) -> float:
         """One training step on the next batch."""
-        return train_step(self.model, self.optimizer, self.batches.next(), self.config, self.accelerator)
+        return train_step(self.model, self.optimizer, self.batches.next(), self.config, self.accelerator, self.scaler)
 
 
 def bench_steps(retro: torch.nn.Module, tokenizer, facts: Sequence[Fact], stats: SlotStats, repeats: int,
@@ -135,7 +136,9 @@ def bench_pkm(dim: int, memory: MemoryConfig, repeats: int, device: torch.device
 
     factored = copy.deepcopy(ours)
     factored.read_gradients = ReadGradients()
-    rows = torch.randperm(ours.n_slots, device=device)[:TrainConfig().top_t]
+    with torch.no_grad():  # the rows a step forms: the top-t most read, as a selection would take them
+        indices, weights = ours.address(x.reshape(-1, dim))
+        rows = torch.bincount(indices.flatten(), weights.flatten(), ours.n_slots).topk(TrainConfig().top_t).indices
 
     def step(module: torch.nn.Module) -> Callable[[], None]:
         def run() -> None:
@@ -230,7 +233,7 @@ def run_bench(profile: str | Profile | None = "cpu", out: str | Path | None = No
         ("peak memory", lambda: bench_memory(profile.model, retro, stats, device)),
         ("pkm reference", lambda: bench_pkm(dim, profile.memory, repeats, device)),
         ("scaling", lambda: bench_scaling(dim, profile.memory, repeats, device)),
-    ] + [("gpu profile budget", gpu_profile_peaks)] * budget:
+    ] + [("gpu profile budget", lambda: gpu_profile_peaks(device=device))] * budget:
         phases.set_postfix_str(name)
         clock = time.perf_counter()
         result.update(measure())

@@ -269,13 +269,13 @@ def train_method(setup: Setup, method: str, hyper: dict, max_steps: int | None =
     config = replace(setup.profile.train, **{"method": method, "steps": max_steps, "seed": seed, "lr": None, **hyper})
     reset_peak_memory(device)
     start = time.perf_counter()
-    model = copy.deepcopy(setup.model)
-    setup.model.to("cpu")
+    home = next(setup.model.parameters()).device
+    model = copy.deepcopy(setup.model.to("cpu")).to(home)  # never two copies on the GPU
     try:
         model, history = train(model, setup.tokenizer, setup.facts, config, background=setup.background,
                                callback=checkpoint, progress=progress)
     finally:
-        setup.model.to(device)
+        setup.model.to(home)
     seconds = time.perf_counter() - start - eval_seconds
     return MethodRun(method, {**hyper, "lr": config.lr}, model, [step_zero(setup), *history.checkpoints],
                      len(history.loss), seconds, history.params_trained, max(peak, peak_memory_mb(device)))

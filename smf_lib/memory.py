@@ -141,8 +141,9 @@ class ProductKeyMemory(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Read the memory for every position of `x` (..., dim).
 
-        Always in the memory's own precision, also under autocast: bf16 queries would pick other slots in training
-        than the same text reads in evaluation, and a fact would be written where it is never looked up.
+        Always in the memory's own precision, also under autocast: bf16 scores tie and reorder near the top-k
+        boundary, so the same input would read other slots in training than in fp32 evaluation. (The bf16 blocks
+        below still perturb the input itself slightly.)
         """
         with torch.autocast(x.device.type, enabled=False):
             return self._read(x.to(self.query.weight.dtype)).to(x.dtype)

@@ -120,9 +120,10 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
     forward. Counts add up over gradient-accumulation micro-batches until `step()`, and are summed over processes
     (torch.distributed, or `reduce`) so that all select the same rows. Learning-rate schedulers act on `param_groups`
     as usual. The optimizer freezes everything but the value tables and hooks into the model; `detach()` undoes both.
-    In one process the value tables get no dense `.grad`: their gradient is kept factored (`ReadGradients`) and only
-    the selected rows are formed, which spares a step zero-filling and scattering every table (gradient clipping
-    then leaves them alone; Adam's update does not depend on the gradient's scale).
+    With `factored=True` (what `train()` uses in one process) the value tables get no dense `.grad`: their gradient
+    is kept factored (`ReadGradients`, until `step()`) and only the selected rows are formed, which spares each step
+    zero-filling and scattering every table. Gradient clipping and fp16 loss scaling then do not see the tables, so
+    it is off by default: a `Trainer` clips gradients and may scale the loss. Across processes it is always off.
 
     Example:
         >>> background = prepare_memory(model, tokenizer, load_background()[:300])
@@ -132,7 +133,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: torch.nn.Module, background: SlotStats | None, lr: float = 0.3, score: str = "kl",
                  top_t: int = 500, rule: str = "adam", weight_decay: float = 0.0, seed: int = 0,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, factored: bool = False) -> None:
         if score not in SCORES or rule not in RULES:
             raise ValueError(f"score must be one of {SCORES} and rule one of {RULES}, got {score!r}, {rule!r}.")
         if rule == "sgd" and weight_decay:
@@ -156,6 +157,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         for table, row_state in zip(tables, getattr(self.rows_optimizer, "state", [])):
             self.state[table] = row_state  # saved and loaded with the optimizer's state_dict
         self.score, self.top_t, self.background, self.reduce = score, top_t, background, reduce
+        self.factored = factored
         self.generator = torch.Generator().manual_seed(seed)
         self.counts: dict[int, torch.Tensor] = {}
         self.last_rows: list[torch.Tensor] = []
@@ -185,7 +187,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         else:
             self._positions = None if mask is None else mask.bool()
         # Across processes DDP reduces dense gradients, so the tables keep theirs there.
-        factored = self.reduce is None and not _distributed()
+        factored = self.factored and self.reduce is None and not _distributed()
         for m, sink in zip(self.layers, self._read_gradients):
             m.read_gradients = sink if factored else None
 
@@ -234,13 +236,13 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _gradient(memory: torch.nn.Module, sink: ReadGradients, rows: torch.Tensor) -> torch.Tensor:
-        """The gradient of one table's `rows`: formed from the kept reads, else taken from its dense `.grad`."""
-        grad = sink.rows(rows)
-        if grad is not None:
-            return grad
-        if memory.values.weight.grad is None:
+        """The gradient of one table's `rows`: formed from the kept reads, plus the dense `.grad` if there is one."""
+        grad, dense = sink.rows(rows), memory.values.weight.grad
+        if dense is not None:
+            grad = dense[rows] if grad is None else grad + dense[rows]
+        if grad is None:
             raise RuntimeError("SparseMemoryOptimizer.step() found no gradient: call backward() before step().")
-        return memory.values.weight.grad[rows]
+        return grad
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the tables' gradients, dense or kept in factored form."""

@@ -159,7 +159,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, background: Slot
         reduce = None if accelerator is None or accelerator.num_processes == 1 else (
             lambda counts: accelerator.reduce(counts, "sum"))
         optimizer = SparseMemoryOptimizer(model, background, config.lr, SCORE_OF[config.method], config.top_t,
-                                          config.optimizer, config.weight_decay, config.seed, reduce)
+                                          config.optimizer, config.weight_decay, config.seed, reduce, factored=True)
         return model, optimizer, sum(t.numel() for t in optimizer.rows_optimizer.tables)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -222,6 +222,11 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def grad_scaler(config: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """The loss scaler an fp16 training needs (see `autocast_dtype`), else None."""
+    return torch.amp.GradScaler(device.type) if autocast_dtype(config, device) == torch.float16 else None
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                config: TrainConfig, accelerator: Accelerator, scaler: torch.amp.GradScaler | None = None) -> float:
     """One training step on a collated batch (this process's share of it); returns the batch's mean token loss.
@@ -234,6 +239,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
         optimizer.count_at(counted_positions(batch, config.count_on))
     device = batch["input_ids"].device
     dtype = autocast_dtype(config, device)
+    if dtype == torch.float16 and scaler is None:
+        raise ValueError("An fp16 training step needs a loss scaler: pass grad_scaler(config, device).")
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         loss_sum, n_local = token_loss_sum(model, batch, config.loss_on)
         n_tokens = accelerator.reduce(n_local.float(), "sum")
@@ -300,8 +307,7 @@ def train(
     model, optimizer, params_trained = make_optimizer(model, config, background, accelerator)
     model = accelerator.prepare(model)
     batches = Batches(facts, tokenizer, config, accelerator)
-    fp16 = autocast_dtype(config, accelerator.device) == torch.float16
-    scaler = torch.amp.GradScaler(accelerator.device.type) if fp16 else None
+    scaler = grad_scaler(config, accelerator.device)
     history = History(params_trained=params_trained)
     bar = tqdm(range(config.steps), desc=config.method, disable=not (progress and accelerator.is_main_process))
     try:

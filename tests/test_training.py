@@ -10,7 +10,7 @@ import torch
 from smf_lib.data import load_facts
 from smf_lib.retrofit import memory_layers
 from smf_lib.stats import recording
-from smf_lib.training import METHODS, TrainConfig, autocast_dtype, locality_penalty, train
+from smf_lib.training import METHODS, TrainConfig, autocast_dtype, locality_penalty, make_optimizer, train
 
 FACTS = load_facts(limit=4)
 
@@ -143,3 +143,10 @@ def test_bf16_autocast_trains_and_the_memory_reads_the_same_slots(tiny, method, 
     assert all(p.dtype == torch.float32 for p in trained.parameters())
     if method == "smf_kl":
         assert len(checked_steps) == 3
+
+
+def test_train_keeps_the_tables_gradient_factored_in_one_process(tiny):
+    model, _, background = tiny
+    _, optimizer, _ = make_optimizer(copy.deepcopy(model), TrainConfig(), background)
+    assert optimizer.factored
+    optimizer.detach()
