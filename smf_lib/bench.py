@@ -138,7 +138,8 @@ def bench_pkm(dim: int, memory: MemoryConfig, repeats: int, device: torch.device
     factored.read_gradients = ReadGradients()
     with torch.no_grad():  # the rows a step forms: the top-t most read, as a selection would take them
         indices, weights = ours.address(x.reshape(-1, dim))
-        rows = torch.bincount(indices.flatten(), weights.flatten(), ours.n_slots).topk(TrainConfig().top_t).indices
+        counts = torch.bincount(indices.flatten(), weights.flatten(), ours.n_slots)
+        rows = counts.topk(min(TrainConfig().top_t, ours.n_slots)).indices
 
     def step(module: torch.nn.Module) -> Callable[[], None]:
         def run() -> None:
