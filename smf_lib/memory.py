@@ -31,6 +31,7 @@ class ReadGradients:
 
     def __init__(self) -> None:
         self.reads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.written: torch.Tensor | None = None  # bool per token of the next forward: only these reads learn
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor | None:
         """The gradient of value rows `rows` (one per row) summed over the kept backwards; None if none was kept."""
@@ -61,12 +62,14 @@ class _KeepReadGradients(torch.autograd.Function):
     def forward(ctx, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 sink: ReadGradients) -> torch.Tensor:
         ctx.save_for_backward(indices, weights)
-        ctx.sink = sink
+        ctx.sink, ctx.written = sink, sink.written
         return table.new_zeros(len(indices), table.shape[1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[None, None, None, None]:
         indices, weights = ctx.saved_tensors
+        if ctx.written is not None:
+            grad = grad * ctx.written.to(grad.device, grad.dtype)[:, None]
         ctx.sink.reads.append((indices, weights, grad))
         return None, None, None, None
 

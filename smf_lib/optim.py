@@ -98,6 +98,7 @@ def _distributed() -> bool:
 
 SCORES = ("kl", "tfidf", "random")
 RULES = ("adam", "adam_layer", "sgd")  # row-wise Adam, the same with one second moment per table, plain SGD
+WRITE_ON = ("read", "counted")  # a selected row learns from every read of it, or only from reads at counted positions
 
 
 def slot_scores(score: str, counts: torch.Tensor, background: SlotStats | None, layer: int,
@@ -124,6 +125,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
     is kept factored (`ReadGradients`, until `step()`) and only the selected rows are formed, which spares each step
     zero-filling and scattering every table. Gradient clipping and fp16 loss scaling then do not see the tables, so
     it is off by default: a `Trainer` clips gradients and may scale the loss. Across processes it is always off.
+    With `write_on="counted"` a selected row learns only from its reads at the counted positions (factored only).
 
     Example:
         >>> background = prepare_memory(model, tokenizer, load_background()[:300])
@@ -133,11 +135,15 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: torch.nn.Module, background: SlotStats | None, lr: float = 0.3, score: str = "kl",
                  top_t: int = 500, rule: str = "adam", weight_decay: float = 0.0, seed: int = 0,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, factored: bool = False) -> None:
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, factored: bool = False,
+                 write_on: str = "read") -> None:
         if score not in SCORES or rule not in RULES:
             raise ValueError(f"score must be one of {SCORES} and rule one of {RULES}, got {score!r}, {rule!r}.")
         if rule == "sgd" and weight_decay:
             raise ValueError("rule='sgd' has no weight decay; use rule='adam' (decoupled, as AdamW) for it.")
+        if write_on not in WRITE_ON or (write_on == "counted" and (not factored or reduce is not None)):
+            raise ValueError(f"write_on must be one of {WRITE_ON}, got {write_on!r}; 'counted' needs factored=True "
+                             "in one process (it masks the factored gradient).")
         self.layers = memory_layers(model)
         if not self.layers:
             raise ValueError("Sparse memory finetuning needs a retrofitted model: call retrofit(model) first.")
@@ -157,7 +163,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         for table, row_state in zip(tables, getattr(self.rows_optimizer, "state", [])):
             self.state[table] = row_state  # saved and loaded with the optimizer's state_dict
         self.score, self.top_t, self.background, self.reduce = score, top_t, background, reduce
-        self.factored = factored
+        self.factored, self.write_on = factored, write_on
         self.generator = torch.Generator().manual_seed(seed)
         self.counts: dict[int, torch.Tensor] = {}
         self.last_rows: list[torch.Tensor] = []
@@ -188,8 +194,12 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
             self._positions = None if mask is None else mask.bool()
         # Across processes DDP reduces dense gradients, so the tables keep theirs there.
         factored = self.factored and self.reduce is None and not _distributed()
+        if self.write_on == "counted" and not factored:
+            raise RuntimeError("write_on='counted' masks the factored gradient, which is off across processes.")
         for m, sink in zip(self.layers, self._read_gradients):
             m.read_gradients = sink if factored else None
+            counted = self.write_on == "counted" and self._positions is not None
+            sink.written = self._positions.reshape(-1) if counted else None
 
     def _count(self, memory, args, output) -> None:
         access, memory.last_access = memory.last_access, None

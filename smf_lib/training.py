@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .data import Fact
 from .losses import next_token_losses, predicting
 from .models import default_device, pad_id
-from .optim import RULES, SparseMemoryOptimizer
+from .optim import RULES, WRITE_ON, SparseMemoryOptimizer
 from .retrofit import memory_layers
 from .stats import SlotStats, recording
 
@@ -41,6 +41,7 @@ class TrainConfig:
     top_t: int = 500                 # value rows per memory layer per step
     loss_on: str = "all"             # "all": loss on every token; "answer": on the answer tokens only
     count_on: str = "entities"       # slots counted at the subject and inside the answer; see counted_positions
+    write_on: str = "read"           # sparse methods: rows learn from all their reads, or only at counted positions
     locality: float = 0.0            # sparse methods: weight of locality_penalty in the loss
     lora_rank: int = 16
     max_length: int = 64
@@ -57,6 +58,9 @@ class TrainConfig:
                              f"{self.method}.")
         if self.count_on not in COUNT_POSITIONS:
             raise ValueError(f"count_on must be one of {', '.join(COUNT_POSITIONS)}, got {self.count_on!r}.")
+        if self.write_on not in WRITE_ON or (self.write_on == "counted" and self.locality):
+            raise ValueError(f"write_on must be one of {', '.join(WRITE_ON)}, got {self.write_on!r}; 'counted' "
+                             "does not combine with a locality term (its reads are at no counted position).")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.precision == "fp16" and self.method in SPARSE_METHODS:
@@ -159,7 +163,8 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, background: Slot
         reduce = None if accelerator is None or accelerator.num_processes == 1 else (
             lambda counts: accelerator.reduce(counts, "sum"))
         optimizer = SparseMemoryOptimizer(model, background, config.lr, SCORE_OF[config.method], config.top_t,
-                                          config.optimizer, config.weight_decay, config.seed, reduce, factored=True)
+                                          config.optimizer, config.weight_decay, config.seed, reduce, factored=True,
+                                          write_on=config.write_on)
         return model, optimizer, sum(t.numel() for t in optimizer.rows_optimizer.tables)
     for p in model.parameters():
         p.requires_grad_(False)

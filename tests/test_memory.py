@@ -118,3 +118,26 @@ def test_factored_value_gradient_equals_the_dense_one():
     assert torch.count_nonzero(memory.read_gradients.rows(torch.arange(256))) == torch.count_nonzero(dense)
     for x, expected in zip(inputs, dense_inputs):
         assert torch.allclose(x.grad, expected, atol=1e-6)
+
+
+def test_written_mask_keeps_only_those_tokens_reads_in_the_value_gradient():
+    """With `written` set, a row's gradient sums only the reads of the marked tokens: the dense gradient of the loss
+    with the other tokens' outputs cut off; the gradient reaching the input still comes from every token."""
+    torch.manual_seed(0)
+    memory = ProductKeyMemory(32, n_keys=16, heads=2, topk=4, key_dim=16)
+    torch.nn.init.normal_(memory.values.weight)
+    x, g = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 5, 32)
+    written = torch.rand(2, 5) < 0.4
+    (memory(x) * g * written[..., None]).sum().backward()
+    dense = memory.values.weight.grad.clone()
+    memory.values.weight.grad, x.grad = None, None
+    (memory(x) * g).sum().backward()
+    every_read, full_input_grad = memory.values.weight.grad.clone(), x.grad.clone()
+    memory.values.weight.grad, x.grad = None, None
+    memory.read_gradients = ReadGradients()
+    memory.read_gradients.written = written.reshape(-1)
+    (memory(x) * g).sum().backward()
+    rows = torch.arange(256)
+    assert torch.allclose(memory.read_gradients.rows(rows), dense, atol=1e-6)
+    assert 0 < torch.count_nonzero(dense.any(dim=1)) < torch.count_nonzero(every_read.any(dim=1))
+    assert torch.allclose(x.grad, full_input_grad, atol=1e-6)

@@ -118,3 +118,24 @@ def test_factored_gradients_select_and_move_the_rows_dense_ones_do(tiny_ready):
     assert rows == dense_rows and all(len(r) for step in rows for r in step)
     for ours, theirs in zip(values, dense_values):
         assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_rows_learn_only_from_counted_reads_when_asked(tiny_ready):
+    """With write_on="counted" the kept output gradient is zero at every token outside count_at's mask and intact
+    inside it; without factored gradients the option is refused."""
+    base, tokenizer, background = tiny_ready
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="needs factored=True"):
+        SparseMemoryOptimizer(model, background, write_on="counted")
+    optimizer = SparseMemoryOptimizer(model, background, factored=True, write_on="counted")
+    batch = tokenizer(["Grathine Pomirnard was born in Thapowick."], return_tensors="pt")
+    counted = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    counted[0, :3] = True
+    optimizer.count_at(counted)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    for sink in optimizer._read_gradients:
+        (_, _, grad), = sink.reads
+        assert grad[:3].abs().sum(dim=1).gt(0).all() and not grad[3:].any()
+    optimizer.step()
+    assert all(len(rows) for rows in optimizer.last_rows)
+    optimizer.detach()

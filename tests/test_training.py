@@ -75,6 +75,10 @@ def test_bad_config_is_rejected():
         TrainConfig(optimizer="lion")
     with pytest.raises(ValueError, match="locality"):
         TrainConfig(method="full_ft", locality=1.0)
+    with pytest.raises(ValueError, match="write_on must be one of"):
+        TrainConfig(write_on="answer")
+    with pytest.raises(ValueError, match="locality term"):
+        TrainConfig(write_on="counted", locality=1.0)
 
 
 def test_trainer_hooks_are_removed_after_training(tiny):
