@@ -126,6 +126,32 @@ def score_texts(model, tokenizer, texts: Sequence[str], reference=None, batch_si
                       torch.cat(kl).double() if kl else None)
 
 
+@torch.no_grad()
+def answer_nll(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """Mean next-token loss of each answer after its prompt (`prompt + " " + answer`), one value per pair.
+
+    A graded score of what a model knows: a known fact can weaken well before its greedy answer flips.
+    """
+    if not prompts:
+        return torch.zeros(0)
+    device = next(model.parameters()).device
+    starts = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    full = [f"{p} {a}" for p, a in zip(prompts, answers)]
+    out = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        for begin in range(0, len(full), batch_size):
+            batch = tokenizer(full[begin:begin + batch_size], return_tensors="pt", padding=True).to(device)
+            losses = next_token_losses(model(**batch).logits.float(), batch["input_ids"])[:, :-1]
+            position = torch.arange(losses.shape[1], device=device)
+            start = torch.tensor(starts[begin:begin + batch_size], device=device)[:, None]
+            answer = (position >= start - 1) & batch["attention_mask"][:, 1:].bool()
+            out.append(((losses * answer).sum(1) / answer.sum(1).clamp_min(1)).cpu())
+    finally:
+        tokenizer.padding_side = side
+    return torch.cat(out)
+
+
 def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 256) -> float:
     """Token-level perplexity of `texts` (each scored on its own, truncated to `max_length` tokens)."""
     return score_texts(model, tokenizer, texts, batch_size=batch_size, max_length=max_length).perplexity

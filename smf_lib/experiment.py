@@ -17,6 +17,7 @@ from .augment import augment as augment_facts
 from .data import Fact, KnownFact, load_background, load_facts, load_heldout_text, load_known_facts
 from .evaluation import (
     TextScores,
+    answer_nll,
     bootstrap_interval,
     complete,
     contains_answer,
@@ -35,7 +36,7 @@ from .timing import peak_memory_mb, reset_peak_memory
 from .training import METHODS, train
 
 DEFAULT_METHODS = ("smf_kl", "smf_tfidf", "full_ft", "lora")
-MATCHED_KEYS = ("paraphrase_recall", "ppl_increase_pct", "known_fact_drop_pct")
+MATCHED_KEYS = ("paraphrase_recall", "ppl_increase_pct", "known_fact_drop_pct", "known_nll_increase")
 
 
 @dataclass
@@ -109,7 +110,7 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     setup = Setup(profile, split, model, tokenizer, facts, known_all, heldout, background, {}, None, retrofit_info)
     step0, known_ok, setup.base_texts = _scores(setup, model, full=True)
     setup.known = [k for k, ok in zip(known_all, known_ok) if ok]
-    setup.base = {**step0, "heldout_ppl": setup.base_texts.perplexity,
+    setup.base = {**step0, "known_answer_nll": _known_nll(setup, model), "heldout_ppl": setup.base_texts.perplexity,
                   "known_fact_acc": sum(known_ok) / max(len(known_ok), 1),
                   "known_facts_total": len(known_all), "known_facts_kept_by_base": len(setup.known)}
     setup.heal = heal_info
@@ -152,7 +153,8 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, lis
     known_ok = [contains_answer(c, k.answers()) for c, k in zip(unchanged[len(neighbours):], setup.known)]
     trained = [f.answer for f in facts]
     scores = {"fact_recall": hit_rate(probes, trained),
-              "paraphrase_recall": hit_rate(questions, [a for _, a in heldout])}
+              "paraphrase_recall": hit_rate(questions, [a for _, a in heldout]),
+              "known_answer_nll": _known_nll(setup, model)}
     if full:  # neither a neighbour nor a known-fact prompt may now give a trained answer
         starts = itertools.accumulate((len(f.heldout) for f in facts), initial=0)
         sampled = [start + i % len(f.heldout) for i, (start, f) in enumerate(zip(starts, facts))]  # as at checkpoints
@@ -161,6 +163,13 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, lis
         scores["paraphrase_by_format"] = _by_format(facts, questions)
     reference = setup.model if full and model is not setup.model else None
     return scores, known_ok, score_texts(model, tok, setup.heldout, reference=reference)
+
+
+def _known_nll(setup: Setup, model: torch.nn.Module) -> float:
+    """Mean loss of the known facts' answers (0 without any): forgetting graded, before answers flip."""
+    known = setup.known
+    losses = answer_nll(model, setup.tokenizer, [k.prompt for k in known], [k.answer for k in known])
+    return float(losses.mean()) if len(losses) else 0.0
 
 
 def _by_format(facts: Sequence[Fact], completions: Sequence[str]) -> dict[str, float]:
@@ -191,7 +200,8 @@ def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
 
     result = {**scores, "heldout_ppl": texts.perplexity, "ppl_increase_pct": ppl_change(),
               "known_fact_acc": setup.base["known_fact_acc"] * float(kept.mean()),
-              "known_fact_drop_pct": 100 * (1 - float(kept.mean()))}
+              "known_fact_drop_pct": 100 * (1 - float(kept.mean())),
+              "known_nll_increase": scores["known_answer_nll"] - setup.base["known_answer_nll"]}
     if full:
         result["kl_to_base"] = texts.kl_per_token
         result["ppl_increase_ci95"] = bootstrap_interval(ppl_change, len(texts.nll))
@@ -205,19 +215,21 @@ def step_zero(setup: Setup) -> dict:
             "paraphrase_recall": setup.base["paraphrase_recall_sampled"],
             "heldout_ppl": setup.base["heldout_ppl"], "ppl_increase_pct": 0.0,
             "known_fact_acc": setup.base["known_fact_acc"],
-            "known_fact_drop_pct": 0.0}
+            "known_fact_drop_pct": 0.0, "known_answer_nll": setup.base["known_answer_nll"],
+            "known_nll_increase": 0.0}
 
 
 def at_matched_recall(checkpoints: Sequence[dict], target: float) -> dict | None:
     """Each figure linearly interpolated in fact recall at `target`, between the last checkpoint below it and the
-    first at or above it (step 0 included); None when no checkpoint reached it."""
+    first at or above it (step 0 included; figures that either lacks are left out); None when none reached it."""
     if checkpoints and checkpoints[0]["fact_recall"] >= target:  # known before any training
-        return {"recall": checkpoints[0]["fact_recall"], "step": 0, **{k: checkpoints[0][k] for k in MATCHED_KEYS}}
+        return {"recall": checkpoints[0]["fact_recall"], "step": 0,
+                **{k: checkpoints[0][k] for k in MATCHED_KEYS if k in checkpoints[0]}}
     for before, after in zip(checkpoints, checkpoints[1:]):
         if after["fact_recall"] >= target > before["fact_recall"]:
             w = (target - before["fact_recall"]) / (after["fact_recall"] - before["fact_recall"])
             return {"recall": target, "step": before["step"] + w * (after["step"] - before["step"]),
-                    **{k: before[k] + w * (after[k] - before[k]) for k in MATCHED_KEYS}}
+                    **{k: before[k] + w * (after[k] - before[k]) for k in MATCHED_KEYS if k in before and k in after}}
     return None
 
 

@@ -34,7 +34,7 @@ def _row(method: str, hyper: dict, checkpoints: list[dict], steps: int, target: 
     matched = at_matched_recall(checkpoints, target)
     where = matched or checkpoints[-1]
     return {"method": method, **hyper, "reached": matched is not None, "steps": steps,
-            "fact_recall": checkpoints[-1]["fact_recall"], **{k: where[k] for k in MATCHED_KEYS}}
+            "fact_recall": checkpoints[-1]["fact_recall"], **{k: where[k] for k in MATCHED_KEYS if k in where}}
 
 
 def choose(rows: Sequence[dict]) -> dict:

@@ -84,3 +84,18 @@ def test_the_base_model_answers_enough_facts_in_each_split():
     model, tokenizer = load_base_model("smollm2-135m")
     answered = Counter(r["split"] for r, ok in zip(rows, known_correct(model, tokenizer, known)) if ok)
     assert answered["test"] >= 150 and answered["tune"] >= 100, dict(answered)
+
+
+def test_answer_loss_is_lower_for_true_answers_and_independent_of_the_batch():
+    from smf_lib.data import load_known_facts
+    from smf_lib.evaluation import answer_nll
+    from smf_lib.models import load_base_model
+
+    model, tokenizer = load_base_model("smollm2-135m")
+    known = load_known_facts()[:40]
+    prompts, answers = [k.prompt for k in known], [k.answer for k in known]
+    true = answer_nll(model, tokenizer, prompts, answers, batch_size=16)
+    swapped = answer_nll(model, tokenizer, prompts, answers[1:] + answers[:1], batch_size=16)
+    assert true.shape == (40,) and float((true < swapped).float().mean()) >= 0.8
+    alone = answer_nll(model, tokenizer, prompts[5:6], answers[5:6])
+    assert alone.item() == pytest.approx(true[5].item(), abs=1e-3)
