@@ -1,6 +1,7 @@
-"""One variant of sparse memory finetuning on the tune split, for ablations of what makes it generalise.
+"""One variant of sparse memory finetuning (or a baseline, for reference) on the tune split, for ablations.
 
     python -m smf_lib.ablation --name smooth temperature=0.05 lr=1.0 count_on=subject
+    python -m smf_lib.ablation --name full_ft_lr3e-5 --method full_ft lr=3e-5
 
 Settings named like `MemoryConfig` fields change the memory (it is retrofitted and calibrated anew), the others
 are `TrainConfig` fields. The variant trains on the tune facts until fact recall reaches the target (or the tune
@@ -26,7 +27,7 @@ from .files import write_json
 from .plots import GREY, theme
 from .profiles import get_profile
 from .retrofit import MemoryConfig
-from .training import SPARSE_METHODS, TrainConfig
+from .training import METHODS, TrainConfig
 
 MEMORY_FIELDS = {f.name for f in dataclasses.fields(MemoryConfig)}
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"method", "steps", "seed"}
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("settings", nargs="*", help="key=value, MemoryConfig or TrainConfig fields")
     parser.add_argument("--name", required=True, help="the variant's name (its result file's name)")
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--method", default="smf_kl", choices=SPARSE_METHODS)
+    parser.add_argument("--method", default="smf_kl", choices=METHODS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--augment", type=int, default=0, help="written wordings added per fact")
     args = parser.parse_args(argv)
