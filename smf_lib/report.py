@@ -12,10 +12,13 @@ from .files import save_figure, write_json, write_text
 LABELS = {"smf_kl": "SMF (KL)", "smf_tfidf": "SMF (TF-IDF)", "smf_random": "SMF (random slots)",
           "full_ft": "Full finetuning", "lora": "LoRA"}
 MATCHED = [("paraphrase_recall", "paraphrase recall", "{:.2f}"), ("ppl_increase_pct", "ppl change %", "{:+.2f}"),
-           ("known_fact_drop_pct", "known-fact drop %", "{:.1f}"), ("step", "step", "{:.0f}")]
+           ("known_fact_drop_pct", "known-fact drop %", "{:.1f}"),
+           ("known_nll_increase", "known-answer loss change (nats)", "{:+.3f}"), ("step", "step", "{:.0f}")]
 FINAL = [("fact_recall", "fact recall", "{:.2f}"), ("paraphrase_recall", "paraphrase recall", "{:.2f}"),
          ("ppl_increase_pct", "ppl change %", "{:+.2f}"), ("kl_to_base", "KL to base", "{:.4f}"),
-         ("known_fact_drop_pct", "known-fact drop %", "{:.1f}"), ("answer_bleed_pct", "answer bleed %", "{:.1f}"),
+         ("known_fact_drop_pct", "known-fact drop %", "{:.1f}"),
+         ("known_nll_increase", "known-answer loss change (nats)", "{:+.3f}"),
+         ("answer_bleed_pct", "answer bleed %", "{:.1f}"),
          ("steps", "steps", "{:.0f}"), ("params_changed", "params changed", "{:,.0f}"),
          ("train_seconds", "train s", "{:.0f}"), ("peak_rss_mb", "peak MB", "{:,.0f}")]
 
