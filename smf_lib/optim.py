@@ -196,10 +196,9 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         factored = self.factored and self.reduce is None and not _distributed()
         if self.write_on == "counted" and not factored:
             raise RuntimeError("write_on='counted' masks the factored gradient, which is off across processes.")
+        written = self._positions.reshape(-1) if self.write_on == "counted" and self._positions is not None else None
         for m, sink in zip(self.layers, self._read_gradients):
-            m.read_gradients = sink if factored else None
-            counted = self.write_on == "counted" and self._positions is not None
-            sink.written = self._positions.reshape(-1) if counted else None
+            m.read_gradients, sink.written = (sink if factored else None), written
 
     def _count(self, memory, args, output) -> None:
         access, memory.last_access = memory.last_access, None
