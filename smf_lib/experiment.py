@@ -55,6 +55,7 @@ class Setup:
     base_texts: TextScores
     retrofit_info: dict
     heal: dict | None = None  # what healing did (replace mode only)
+    base_known_nll: torch.Tensor | None = None  # each known fact's answer loss before training
 
 
 def split_facts(profile: Profile, split: str, facts_path: str | Path | None = None) -> list[Fact]:
@@ -108,9 +109,11 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
                      "memory_params": sum(p.numel() for m in layers for p in m.parameters())}
     facts = augment_facts(split_facts(profile, split, facts_path), augment, model, tokenizer, seed)
     setup = Setup(profile, split, model, tokenizer, facts, known_all, heldout, background, {}, None, retrofit_info)
-    step0, known_ok, setup.base_texts = _scores(setup, model, full=True)
+    step0, known_ok, known_nll, setup.base_texts = _scores(setup, model, full=True)
     setup.known = [k for k, ok in zip(known_all, known_ok) if ok]
-    setup.base = {**step0, "known_answer_nll": _known_nll(setup, model), "heldout_ppl": setup.base_texts.perplexity,
+    setup.base_known_nll = known_nll[torch.tensor(known_ok, dtype=torch.bool)]
+    setup.base = {**step0, "known_answer_nll": _share(setup.base_known_nll.tolist()),
+                  "heldout_ppl": setup.base_texts.perplexity,
                   "known_fact_acc": sum(known_ok) / max(len(known_ok), 1),
                   "known_facts_total": len(known_all), "known_facts_kept_by_base": len(setup.known)}
     setup.heal = heal_info
@@ -136,8 +139,9 @@ def _retrofit_and_heal(model: torch.nn.Module, tokenizer, texts: Sequence[str], 
     return collect_background(model, tokenizer, texts, progress=progress), record
 
 
-def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, list[bool], TextScores]:
-    """One generation over probes, held-out prompts, neighbours and known facts, and one pass over held-out text.
+def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, list[bool], torch.Tensor, TextScores]:
+    """One generation over probes, held-out prompts, neighbours and known facts, the known answers' losses, and one
+    pass over held-out text.
 
     At checkpoints (`full=False`) each fact contributes one held-out prompt, its formats taken in turn across facts
     (a stratified quarter of them, so a checkpoint costs less), and neither neighbours nor the KL are measured.
@@ -152,9 +156,10 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, lis
     questions, unchanged = done[: len(heldout)], done[len(heldout):]  # neighbours, then known facts
     known_ok = [contains_answer(c, k.answers()) for c, k in zip(unchanged[len(neighbours):], setup.known)]
     trained = [f.answer for f in facts]
+    known_nll = _known_nll(setup, model)
     scores = {"fact_recall": hit_rate(probes, trained),
               "paraphrase_recall": hit_rate(questions, [a for _, a in heldout]),
-              "known_answer_nll": _known_nll(setup, model)}
+              "known_answer_nll": _share(known_nll.tolist())}
     if full:  # neither a neighbour nor a known-fact prompt may now give a trained answer
         starts = itertools.accumulate((len(f.heldout) for f in facts), initial=0)
         sampled = [start + i % len(f.heldout) for i, (start, f) in enumerate(zip(starts, facts))]  # as at checkpoints
@@ -162,14 +167,14 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, lis
         scores["answer_bleed_pct"] = 100 * _share(contains_answer(c, trained) for c in unchanged)
         scores["paraphrase_by_format"] = _by_format(facts, questions)
     reference = setup.model if full and model is not setup.model else None
-    return scores, known_ok, score_texts(model, tok, setup.heldout, reference=reference)
+    return scores, known_ok, known_nll, score_texts(model, tok, setup.heldout, reference=reference)
 
 
-def _known_nll(setup: Setup, model: torch.nn.Module) -> float:
-    """Mean loss of the known facts' answers (0 without any): forgetting graded, before answers flip."""
+def _known_nll(setup: Setup, model: torch.nn.Module) -> torch.Tensor:
+    """Each known fact's answer loss: forgetting graded, before answers flip."""
     known = setup.known
-    losses = answer_nll(model, setup.tokenizer, [k.prompt for k in known], [k.answer for k in known])
-    return float(losses.mean()) if len(losses) else 0.0
+    return answer_nll(model, setup.tokenizer, [k.prompt for k in known], [k.answer for k in known])
+
 
 
 def _by_format(facts: Sequence[Fact], completions: Sequence[str]) -> dict[str, float]:
@@ -183,6 +188,7 @@ def _by_format(facts: Sequence[Fact], completions: Sequence[str]) -> dict[str, f
 
 
 def _share(hits) -> float:
+    """The mean of `hits` (booleans: the share that hold), 0 when there are none."""
     hits = list(hits)
     return sum(hits) / len(hits) if hits else 0.0
 
@@ -190,7 +196,7 @@ def _share(hits) -> float:
 def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
     """Learning and forgetting of `model` against the setup's step-0 scores; `full` adds the KL to the base model
     and bootstrap 95% intervals (over held-out texts and over known facts) of the perplexity change and the drop."""
-    scores, known_ok, texts = _scores(setup, model, full)
+    scores, known_ok, known_nll, texts = _scores(setup, model, full)
     base = setup.base_texts
     kept = torch.tensor(known_ok, dtype=torch.float64) if known_ok else torch.ones(1, dtype=torch.float64)
 
@@ -206,17 +212,19 @@ def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
         result["kl_to_base"] = texts.kl_per_token
         result["ppl_increase_ci95"] = bootstrap_interval(ppl_change, len(texts.nll))
         result["known_fact_drop_ci95"] = bootstrap_interval(lambda i: 100 * (1 - float(kept[i].mean())), len(kept))
+        # Are the lost facts' answers much less likely now, or were they answered narrowly before?
+        change, lost = known_nll - setup.base_known_nll, torch.tensor([not ok for ok in known_ok], dtype=torch.bool)
+        result["known_nll_increase_lost"] = _share(change[lost].tolist()) if lost.any() else None
+        result["known_nll_increase_kept"] = _share(change[~lost].tolist())
     return result
 
 
 def step_zero(setup: Setup) -> dict:
     """The checkpoint before training: the retrofitted model's own scores."""
-    return {"step": 0, "fact_recall": setup.base["fact_recall"],
-            "paraphrase_recall": setup.base["paraphrase_recall_sampled"],
-            "heldout_ppl": setup.base["heldout_ppl"], "ppl_increase_pct": 0.0,
-            "known_fact_acc": setup.base["known_fact_acc"],
-            "known_fact_drop_pct": 0.0, "known_answer_nll": setup.base["known_answer_nll"],
-            "known_nll_increase": 0.0}
+    base = setup.base
+    return {"step": 0, "fact_recall": base["fact_recall"], "paraphrase_recall": base["paraphrase_recall_sampled"],
+            "heldout_ppl": base["heldout_ppl"], "ppl_increase_pct": 0.0, "known_fact_acc": base["known_fact_acc"],
+            "known_fact_drop_pct": 0.0, "known_answer_nll": base["known_answer_nll"], "known_nll_increase": 0.0}
 
 
 def at_matched_recall(checkpoints: Sequence[dict], target: float) -> dict | None:
@@ -262,8 +270,7 @@ def train_method(setup: Setup, method: str, hyper: dict, max_steps: int | None =
     sizes = setup.profile.run
     max_steps, eval_every = max_steps or sizes.max_steps, eval_every or sizes.eval_every
     target = sizes.target_recall if target is None else target
-    eval_seconds, next_eval, peak = 0.0, eval_every, 0.0
-    device = default_device()
+    eval_seconds, next_eval, peak, device = 0.0, eval_every, 0.0, default_device()
 
     def checkpoint(step: int, model: torch.nn.Module) -> dict | None:
         nonlocal eval_seconds, next_eval, peak
@@ -339,16 +346,14 @@ def run_experiment(profile: str | Profile | None, hypers: dict[str, dict], facts
     beside the MLPs or in their place."""
     from .report import write_results
 
-    unknown = [m for m in hypers if m not in METHODS]
     if not hypers:
         raise ValueError(f"No methods to run: give at least one of {', '.join(METHODS)}.")
-    if unknown:
+    if unknown := [m for m in hypers if m not in METHODS]:
         raise ValueError(f"Unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
     profile, started = get_profile(profile), time.perf_counter()
     augment = profile.run.augment if augment is None else augment
     out = Path(out or Path("results") / profile.name)
-    runs = []
-    memory = replace(profile.memory, mode=mode or profile.memory.mode)
+    runs, memory = [], replace(profile.memory, mode=mode or profile.memory.mode)
     for seed in seeds:
         setup = prepare(profile, "test", facts_path, seed, memory, augment, progress)
         runs.append(new_summary(setup, seed))

@@ -70,3 +70,25 @@ def test_matched_figures_average_only_the_seeds_that_reached_the_target():
     combined = combine_seeds(runs)["methods"]["lora"]
     assert combined["at_matched_recall"] == reached and combined["seeds_reaching_target"] == 1
     assert not combined["target_reached"] and "ppl_increase_ci95" not in combined
+
+
+def test_known_answer_loss_change_is_reported_for_lost_and_kept_facts(monkeypatch):
+    """The graded score: the mean change of the known answers' loss, and the same over the facts no longer answered
+    and over those still answered (a flip at the margin shows as a small change among the lost)."""
+    import torch
+
+    from smf_lib.evaluation import TextScores
+
+    texts = TextScores(torch.full((3,), 20.0, dtype=torch.float64), torch.full((3,), 10.0, dtype=torch.float64),
+                       torch.zeros(3, dtype=torch.float64))
+    setup = experiment.Setup(None, "test", None, None, [], [], [], None,
+                             {"known_fact_acc": 0.5, "known_answer_nll": 1.0}, texts, {},
+                             base_known_nll=torch.ones(4))
+    now = torch.tensor([1.0, 3.0, 0.5, 2.0])
+    monkeypatch.setattr(experiment, "_scores", lambda s, m, full: (
+        {"known_answer_nll": float(now.mean())}, [True, False, True, False], now, texts))
+    result = experiment.evaluate(setup, model=None)
+    assert result["known_fact_drop_pct"] == pytest.approx(50.0)
+    assert result["known_nll_increase"] == pytest.approx(0.625)
+    assert result["known_nll_increase_lost"] == pytest.approx(1.5)
+    assert result["known_nll_increase_kept"] == pytest.approx(-0.25)
