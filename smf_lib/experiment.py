@@ -176,7 +176,6 @@ def _known_nll(setup: Setup, model: torch.nn.Module) -> torch.Tensor:
     return answer_nll(model, setup.tokenizer, [k.prompt for k in known], [k.answer for k in known])
 
 
-
 def _by_format(facts: Sequence[Fact], completions: Sequence[str]) -> dict[str, float]:
     """Held-out recall per prompt format (facts without formats count as "question")."""
     hits: dict[str, list[bool]] = {}
