@@ -30,6 +30,7 @@ from .healing import HealConfig, heal
 from .models import default_device, load_base_model
 from .pipeline import prepare_memory
 from .profiles import Profile, get_profile
+from .report import combine_seeds, write_results
 from .retrofit import MemoryConfig, memory_layers, retrofit
 from .stats import SlotStats, collect_background
 from .timing import peak_memory_mb, reset_peak_memory
@@ -98,9 +99,11 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     if config.mode == "replace":
         healing = replace(profile.heal, seed=seed)
         background, heal_info = _retrofit_and_heal(model, tokenizer, texts, heldout, known_all, config, healing,
-                                                   progress)
+                                                   progress, profile.train.background_on)
     else:
-        background, heal_info = prepare_memory(model, tokenizer, texts, config, progress), None
+        background = prepare_memory(model, tokenizer, texts, config, progress,
+                                    background_on=profile.train.background_on)
+        heal_info = None
     with torch.no_grad():
         diff = (model(**probe).logits - base_logits).abs().max().item()
     layers = memory_layers(model)
@@ -122,7 +125,7 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
 
 def _retrofit_and_heal(model: torch.nn.Module, tokenizer, texts: Sequence[str], heldout: Sequence[str],
                        known: Sequence[KnownFact], config: MemoryConfig, healing: HealConfig,
-                       progress: bool) -> tuple[SlotStats, dict]:
+                       progress: bool, background_on: str) -> tuple[SlotStats, dict]:
     """Replace the MLPs by memory, heal it on `texts` (never on the perplexity text), then count background slot
     use on the healed model. The record holds perplexity and known-fact accuracy of the base model, and before and
     after healing: what healing does not restore is forgotten before any fact is taught."""
@@ -136,7 +139,7 @@ def _retrofit_and_heal(model: torch.nn.Module, tokenizer, texts: Sequence[str], 
     result = heal(model, tokenizer, [t for t in texts if t not in measured], healing, progress)
     record.update(ppl_after=score_texts(model, tokenizer, heldout).perplexity, known_fact_acc_after=known_acc(),
                   **result.as_dict())
-    return collect_background(model, tokenizer, texts, progress=progress), record
+    return collect_background(model, tokenizer, texts, progress=progress, positions=background_on), record
 
 
 def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, list[bool], torch.Tensor, TextScores]:
@@ -215,6 +218,8 @@ def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
         change, lost = known_nll - setup.base_known_nll, torch.tensor([not ok for ok in known_ok], dtype=torch.bool)
         result["known_nll_increase_lost"] = _share(change[lost].tolist()) if lost.any() else None
         result["known_nll_increase_kept"] = _share(change[~lost].tolist())
+        result["known_base_nll_lost"] = _share(setup.base_known_nll[lost].tolist()) if lost.any() else None
+        result["known_base_nll_kept"] = _share(setup.base_known_nll[~lost].tolist())
     return result
 
 
@@ -285,12 +290,17 @@ def train_method(setup: Setup, method: str, hyper: dict, max_steps: int | None =
         return {**scores, "stop": scores["fact_recall"] >= target}
 
     config = replace(setup.profile.train, **{"method": method, "steps": max_steps, "seed": seed, "lr": None, **hyper})
+    background = setup.background
+    if config.background_on != background.positions:  # counted anew, on the model before any training
+        texts = load_background()[: setup.profile.run.n_background]
+        background = collect_background(setup.model, setup.tokenizer, texts, progress=False,
+                                        positions=config.background_on)
     reset_peak_memory(device)
     start = time.perf_counter()
     home = next(setup.model.parameters()).device
     model = copy.deepcopy(setup.model.to("cpu")).to(home)  # never two copies on the GPU
     try:
-        model, history = train(model, setup.tokenizer, setup.facts, config, background=setup.background,
+        model, history = train(model, setup.tokenizer, setup.facts, config, background=background,
                                callback=checkpoint, progress=progress)
     finally:
         setup.model.to(home)
@@ -343,8 +353,6 @@ def run_experiment(profile: str | Profile | None, hypers: dict[str, dict], facts
     where the settings came from and which tune facts chose them; `augment` (default: the profile's) adds that
     many model-written wordings to each fact's training sentences; `mode` (default: the profile's) puts the memory
     beside the MLPs or in their place."""
-    from .report import write_results
-
     if not hypers:
         raise ValueError(f"No methods to run: give at least one of {', '.join(METHODS)}.")
     if unknown := [m for m in hypers if m not in METHODS]:
@@ -364,36 +372,3 @@ def run_experiment(profile: str | Profile | None, hypers: dict[str, dict], facts
             write_results(summary, out)  # after every method: a long run that is stopped keeps what it finished
         del setup
     return summary
-
-
-def combine_seeds(runs: Sequence[dict]) -> dict:
-    """One summary from runs on several seeds: each figure the mean over seeds, the runs under `per_seed`."""
-    summary = {**runs[0], "seeds": [r["seed"] for r in runs]}
-    if len(runs) == 1:
-        return {**summary, "methods": {m: {**v, "per_seed": []} for m, v in summary["methods"].items()}}
-    summary["methods"] = {}
-    for method in runs[0]["methods"]:
-        per_seed = [r["methods"][method] for r in runs if method in r["methods"]]
-        matched = [m["at_matched_recall"] for m in per_seed if m["at_matched_recall"]]
-        summary["methods"][method] = {
-            **_mean([{k: v for k, v in m.items() if not k.endswith("_ci95")} for m in per_seed]),
-            "at_matched_recall": {k: v for k, v in _mean(matched).items() if not k.endswith("_std")} if matched
-            else None, "seeds_reaching_target": len(matched), "target_reached": len(matched) == len(per_seed),
-            "per_seed": per_seed}
-    return summary
-
-
-def _mean(items: Sequence[dict]) -> dict:
-    """Means and spreads (`<key>_std`) of the numbers shared by all items, nested dicts of numbers averaged;
-    other values from the first item."""
-    out = {}
-    for key, value in items[0].items():
-        values = [item.get(key) for item in items]
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and all(v is not None for v in values):
-            out[key] = sum(values) / len(values)
-            out[f"{key}_std"] = float(torch.tensor(values, dtype=torch.float64).std()) if len(values) > 1 else 0.0
-        elif isinstance(value, dict) and all(isinstance(v, dict) for v in values):
-            out[key] = {k: v for k, v in _mean(values).items() if not k.endswith("_std")}
-        else:
-            out[key] = value
-    return out

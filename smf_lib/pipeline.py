@@ -13,13 +13,14 @@ from .stats import SlotStats, collect_background, layer_inputs
 
 
 def prepare_memory(model: torch.nn.Module, tokenizer, texts: Sequence[str], config: MemoryConfig | None = None,
-                   progress: bool = True, heal_config: HealConfig | None = None) -> SlotStats:
+                   progress: bool = True, heal_config: HealConfig | None = None,
+                   background_on: str = "all") -> SlotStats:
     """Retrofit `model` in place, calibrate its queries on `texts` and return the background slot statistics.
 
     The fresh memory adds nothing (its values are zero), so its layers' inputs do not depend on its queries: one
     pass over `texts` serves both the calibration and the statistics. `config.seed` seeds the keys and queries.
     In replace mode the memory is first healed on `texts` (`healing.heal`, with `heal_config`), then counted on the
-    healed model.
+    healed model. `background_on` says which tokens are counted (`collect_background`'s `positions`).
 
     Example:
         >>> model, tokenizer = load_base_model("smollm2-135m")
@@ -30,7 +31,7 @@ def prepare_memory(model: torch.nn.Module, tokenizer, texts: Sequence[str], conf
     retrofit(model, config)
     if config.mode == "replace":  # the model is broken until the memory does the replaced MLPs' work
         heal(model, tokenizer, texts, heal_config or HealConfig(seed=config.seed), progress)
-        return collect_background(model, tokenizer, texts, progress=progress)
+        return collect_background(model, tokenizer, texts, progress=progress, positions=background_on)
     inputs = layer_inputs(model, tokenizer, texts, progress=progress)
     calibrate_queries(model, tokenizer, texts, seed=config.seed, inputs=inputs)
-    return collect_background(model, tokenizer, texts, inputs=inputs)
+    return collect_background(model, tokenizer, texts, inputs=inputs, positions=background_on)

@@ -1,11 +1,13 @@
-"""The run's report: the comparison tables (report.md), the learning-vs-forgetting figure (pareto.png), and the
-table of a tuning run."""
+"""The run's report: several seeds' summaries combined, the comparison tables (report.md), the
+learning-vs-forgetting figure (pareto.png), and the table of a tuning run."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import torch
 
 from .files import save_figure, write_json, write_text
 
@@ -21,6 +23,39 @@ FINAL = [("fact_recall", "fact recall", "{:.2f}"), ("paraphrase_recall", "paraph
          ("answer_bleed_pct", "answer bleed %", "{:.1f}"),
          ("steps", "steps", "{:.0f}"), ("params_changed", "params changed", "{:,.0f}"),
          ("train_seconds", "train s", "{:.0f}"), ("peak_rss_mb", "peak MB", "{:,.0f}")]
+
+
+def combine_seeds(runs: Sequence[dict]) -> dict:
+    """One summary from runs on several seeds: each figure the mean over seeds, the runs under `per_seed`."""
+    summary = {**runs[0], "seeds": [r["seed"] for r in runs]}
+    if len(runs) == 1:
+        return {**summary, "methods": {m: {**v, "per_seed": []} for m, v in summary["methods"].items()}}
+    summary["methods"] = {}
+    for method in runs[0]["methods"]:
+        per_seed = [r["methods"][method] for r in runs if method in r["methods"]]
+        matched = [m["at_matched_recall"] for m in per_seed if m["at_matched_recall"]]
+        summary["methods"][method] = {
+            **_mean([{k: v for k, v in m.items() if not k.endswith("_ci95")} for m in per_seed]),
+            "at_matched_recall": {k: v for k, v in _mean(matched).items() if not k.endswith("_std")} if matched
+            else None, "seeds_reaching_target": len(matched), "target_reached": len(matched) == len(per_seed),
+            "per_seed": per_seed}
+    return summary
+
+
+def _mean(items: Sequence[dict]) -> dict:
+    """Means and spreads (`<key>_std`) of the numbers shared by all items, nested dicts of numbers averaged;
+    other values from the first item."""
+    out = {}
+    for key, value in items[0].items():
+        values = [item.get(key) for item in items]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and all(v is not None for v in values):
+            out[key] = sum(values) / len(values)
+            out[f"{key}_std"] = float(torch.tensor(values, dtype=torch.float64).std()) if len(values) > 1 else 0.0
+        elif isinstance(value, dict) and all(isinstance(v, dict) for v in values):
+            out[key] = {k: v for k, v in _mean(values).items() if not k.endswith("_std")}
+        else:
+            out[key] = value
+    return out
 
 
 def _label(method: str) -> str:

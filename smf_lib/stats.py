@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,13 @@ from tqdm.auto import tqdm
 from .files import save_tensors
 from .memory import ProductKeyMemory, SlotAccess
 from .retrofit import memory_layers
+
+# Where background slot use is counted: every real token, or only the tokens of names and numbers, the kind of
+# position where facts are counted by default (`TrainConfig.count_on="entities"`).
+BACKGROUND_POSITIONS = ("all", "names")
+# A capitalised word or a number; a capitalised word that opens a sentence or a line is no evidence of a name.
+_NAME = re.compile(r"\b(?:[A-Z][\w'-]*|\d+(?:[.,]\d+)*)")
+_OPENING = re.compile(r"(?:^|[.!?]\s+|\n\s*)$")
 
 
 @contextmanager
@@ -55,6 +63,18 @@ def access_counts(access: SlotAccess, n_slots: int, positions: torch.Tensor | No
     return torch.bincount(idx.reshape(-1), w.reshape(-1).double(), minlength=n_slots)
 
 
+def name_positions(tokenizer, texts: Sequence[str], max_length: int = 128) -> list[list[bool]]:
+    """For each text, which of its tokens (as `tokenizer(text, truncation=True, max_length=max_length)` gives them)
+    overlap a name or a number: a capitalised word that does not open a sentence or a line, or digits."""
+    masks = []
+    for text in texts:
+        spans = [m.span() for m in _NAME.finditer(text) if not _OPENING.search(text[:m.start()])]
+        offsets = tokenizer(text, return_offsets_mapping=True, truncation=True,
+                            max_length=max_length)["offset_mapping"]
+        masks.append([any(s < end and e > start for start, end in spans) for s, e in offsets])
+    return masks
+
+
 @dataclass
 class SlotStats:
     """Background statistics per memory layer: soft access `counts` and document frequency `doc_freq`
@@ -66,13 +86,14 @@ class SlotStats:
     n_batches: int
     n_tokens: int
     inputs: dict[int, torch.Tensor] | None = None
+    positions: str = "all"  # one of BACKGROUND_POSITIONS: the tokens counted
 
     def save(self, path: str | Path) -> Path:
         """Write to safetensors, atomically."""
         tensors = ({f"counts.{i}": c for i, c in self.counts.items()} |
                    {f"doc_freq.{i}": d for i, d in self.doc_freq.items()})
         meta = {"n_batches": str(self.n_batches), "n_tokens": str(self.n_tokens),
-                "layers": json.dumps(sorted(self.counts))}
+                "layers": json.dumps(sorted(self.counts)), "positions": self.positions}
         return save_tensors(tensors, path, meta)
 
     @classmethod
@@ -83,7 +104,7 @@ class SlotStats:
         tensors = load_file(str(path))
         layers = json.loads(meta["layers"])
         return cls({i: tensors[f"counts.{i}"] for i in layers}, {i: tensors[f"doc_freq.{i}"] for i in layers},
-                   int(meta["n_batches"]), int(meta["n_tokens"]))
+                   int(meta["n_batches"]), int(meta["n_tokens"]), positions=meta.get("positions", "all"))
 
 
 @contextmanager
@@ -144,16 +165,20 @@ def layer_inputs(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_
 @torch.no_grad()
 def collect_background(
     model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128,
-    progress: bool = True, inputs: LayerInputs | None = None,
+    progress: bool = True, inputs: LayerInputs | None = None, positions: str = "all",
 ) -> SlotStats:
     """Stream `texts` through the model and accumulate slot statistics (memory O(slots), not O(tokens)).
 
     Each text counts as one background batch for the document frequency, like the single-example batches of
     Lin et al.; `batch_size` only sets how many texts share a forward pass. `inputs` (from `layer_inputs` on the
-    same texts) skips the forward passes; they stay valid only while every value row is zero.
+    same texts) skips the forward passes; they stay valid only while every value row is zero. `positions="names"`
+    counts only the tokens of names and numbers (`name_positions`), where facts are counted by default.
     """
+    if positions not in BACKGROUND_POSITIONS:
+        raise ValueError(f"positions must be one of {', '.join(BACKGROUND_POSITIONS)}, got {positions!r}.")
+    names = name_positions(tokenizer, texts, max_length) if positions == "names" else None
     if inputs is not None:
-        return _background_from_inputs(model, texts, inputs, batch_size)
+        return _background_from_inputs(model, texts, inputs, batch_size, names)
     layers = memory_layers(model)
     counts = {m.layer_index: torch.zeros(m.n_slots, dtype=torch.float64) for m in layers}
     doc_freq = {m.layer_index: torch.zeros(m.n_slots, dtype=torch.float64) for m in layers}
@@ -166,16 +191,25 @@ def collect_background(
             model(**batch)
             mask = batch["attention_mask"].bool()
             text = torch.arange(len(mask), device=device).unsqueeze(1).expand_as(mask)[mask]
+            keep = _kept(names, start, start + len(mask), mask.sum(dim=1), device)
             for m in layers:
                 access = m.last_access
-                _add_texts(counts[m.layer_index], doc_freq[m.layer_index], access.indices[mask], access.weights[mask],
-                           text, len(mask))
-            n_tokens += int(mask.sum())
-    return SlotStats(counts, doc_freq, len(texts), n_tokens)
+                _add_texts(counts[m.layer_index], doc_freq[m.layer_index], access.indices[mask][keep],
+                           access.weights[mask][keep], text[keep], len(mask))
+            n_tokens += int(keep.sum())
+    return SlotStats(counts, doc_freq, len(texts), n_tokens, positions=positions)
+
+
+def _kept(names: list[list[bool]] | None, start: int, stop: int, lengths: torch.Tensor,
+          device: torch.device) -> torch.Tensor:
+    """Which real tokens of texts `start:stop` (`lengths` real tokens each, in order) are counted."""
+    if names is None:
+        return torch.ones(int(lengths.sum()), dtype=torch.bool, device=device)
+    return torch.tensor([k for mask in names[start:stop] for k in mask], dtype=torch.bool, device=device)
 
 
 def _background_from_inputs(model: torch.nn.Module, texts: Sequence[str], inputs: LayerInputs,
-                            batch_size: int, keep: int = 8192) -> SlotStats:
+                            batch_size: int, names: list[list[bool]] | None, keep: int = 8192) -> SlotStats:
     """Slot statistics from captured layer inputs: each layer's lookup on them, `batch_size` texts at a time."""
     inputs.check(texts)
     layers = memory_layers(model)
@@ -186,14 +220,22 @@ def _background_from_inputs(model: torch.nn.Module, texts: Sequence[str], inputs
                                                           device=inputs.text.device))
     counts = {m.layer_index: torch.zeros(m.n_slots, dtype=torch.float64) for m in layers}
     doc_freq = {m.layer_index: torch.zeros(m.n_slots, dtype=torch.float64) for m in layers}
+    lengths = torch.bincount(inputs.text.cpu(), minlength=inputs.n_texts)
+    counted = _kept(names, 0, inputs.n_texts, lengths, inputs.text.device)
+    if len(counted) != len(inputs.text):
+        raise ValueError("`inputs` hold other tokens than these texts tokenise to; capture them with "
+                         "layer_inputs(model, tokenizer, texts) on the same texts and max_length.")
     for m in layers:
         for chunk, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
             indices, weights = m.address(inputs.x[m.layer_index][lo:hi])
-            _add_texts(counts[m.layer_index], doc_freq[m.layer_index], indices, weights,
-                       inputs.text[lo:hi] - chunk * batch_size, min(batch_size, inputs.n_texts - chunk * batch_size))
+            c = counted[lo:hi]
+            _add_texts(counts[m.layer_index], doc_freq[m.layer_index], indices[c], weights[c],
+                       inputs.text[lo:hi][c] - chunk * batch_size,
+                       min(batch_size, inputs.n_texts - chunk * batch_size))
     sample = torch.randperm(len(inputs.text), generator=torch.Generator().manual_seed(0))[:keep]
     kept = {i: x[sample.to(x.device)].clone() for i, x in inputs.x.items()}
-    return SlotStats(counts, doc_freq, inputs.n_texts, len(inputs.text), kept)
+    return SlotStats(counts, doc_freq, inputs.n_texts, int(counted.sum()), kept,
+                     "all" if names is None else "names")
 
 
 def _add_texts(counts: torch.Tensor, doc_freq: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,

@@ -17,7 +17,7 @@ from .losses import next_token_losses, predicting
 from .models import default_device, pad_id
 from .optim import RULES, WRITE_ON, SparseMemoryOptimizer
 from .retrofit import memory_layers
-from .stats import SlotStats, recording
+from .stats import BACKGROUND_POSITIONS, SlotStats, recording
 
 SPARSE_METHODS = ("smf_kl", "smf_tfidf", "smf_random")
 DENSE_METHODS = ("full_ft", "lora")
@@ -42,6 +42,7 @@ class TrainConfig:
     loss_on: str = "all"             # "all": loss on every token; "answer": on the answer tokens only
     count_on: str = "entities"       # slots counted at the subject and inside the answer; see counted_positions
     write_on: str = "read"           # sparse methods: rows learn from all their reads, or only at counted positions
+    background_on: str = "all"       # where the background's slot use was counted: stats.BACKGROUND_POSITIONS
     locality: float = 0.0            # sparse methods: weight of locality_penalty in the loss
     lora_rank: int = 16
     max_length: int = 64
@@ -61,6 +62,9 @@ class TrainConfig:
         if self.write_on not in WRITE_ON or (self.write_on == "counted" and self.locality):
             raise ValueError(f"write_on must be one of {', '.join(WRITE_ON)}, got {self.write_on!r}; 'counted' "
                              "does not combine with a locality term (its reads are at no counted position).")
+        if self.background_on not in BACKGROUND_POSITIONS:
+            raise ValueError(f"background_on must be one of {', '.join(BACKGROUND_POSITIONS)}, "
+                             f"got {self.background_on!r}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.precision == "fp16" and self.method in SPARSE_METHODS:
@@ -306,6 +310,11 @@ def train(
     accelerator = accelerator or Accelerator(cpu=default_device().type == "cpu")
     torch.manual_seed(config.seed)
     model.eval()  # no dropout: these models have none, and the result stays deterministic
+    counted_on = background.positions if background is not None else config.background_on
+    if config.method in ("smf_kl", "smf_tfidf") and counted_on != config.background_on:
+        raise ValueError(f"The background was counted at {background.positions!r} positions but the configuration "
+                         f"says background_on={config.background_on!r}: count it with collect_background(..., "
+                         f"positions={config.background_on!r}) or change the configuration.")
     if config.locality and (background is None or background.inputs is None):
         raise ValueError("The locality term needs background layer inputs: pass the statistics that "
                          "prepare_memory returns (statistics loaded from a file do not keep them).")

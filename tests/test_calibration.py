@@ -7,7 +7,7 @@ from smf_lib.calibration import calibrate_queries
 from smf_lib.data import load_background
 from smf_lib.models import load_base_model
 from smf_lib.retrofit import MemoryConfig, memory_layers, retrofit
-from smf_lib.stats import collect_background, layer_inputs
+from smf_lib.stats import collect_background, layer_inputs, name_positions
 
 
 def fresh_memory():
@@ -45,3 +45,32 @@ def test_captured_inputs_refuse_other_texts_and_trained_memory():
         memory_layers(model)[0].values.weight[3] = 1.0
     with pytest.raises(ValueError, match="every value row is zero"):
         collect_background(model, tokenizer, texts, inputs=inputs)
+
+
+def test_name_positions_mark_names_and_numbers_not_sentence_openings():
+    _, tokenizer = load_base_model("tiny")
+    text = ("The bridge in Lisbon opened in 1966. Later, Maria crossed it.\nQuestion: Who built it?\n"
+            "Answer: Edgar Cardoso.")
+    mask = name_positions(tokenizer, [text])[0]
+    ids = tokenizer(text)["input_ids"]
+    marked = [tokenizer.decode([i]).strip() for i, keep in zip(ids, mask) if keep]
+    assert "".join(marked) == "Lisbon1966MariaWhoEdgarCardoso"
+
+
+def test_background_counted_at_names_from_captured_inputs_and_streamed_agree():
+    texts = load_background()[:21]
+    model, tokenizer = fresh_memory()
+    inputs = layer_inputs(model, tokenizer, texts, progress=False)
+    calibrate_queries(model, tokenizer, texts, seed=3, inputs=inputs)
+    shared = collect_background(model, tokenizer, texts, batch_size=8, inputs=inputs, positions="names")
+    streamed = collect_background(model, tokenizer, texts, batch_size=8, progress=False, positions="names")
+    everywhere = collect_background(model, tokenizer, texts, batch_size=8, inputs=inputs)
+    n_names = sum(map(sum, name_positions(tokenizer, texts)))
+    assert shared.positions == streamed.positions == "names" and everywhere.positions == "all"
+    assert shared.n_tokens == streamed.n_tokens == n_names and 0 < n_names < everywhere.n_tokens
+    for i in shared.counts:
+        torch.testing.assert_close(shared.counts[i], streamed.counts[i], rtol=1e-5, atol=1e-6)
+        assert shared.counts[i].sum() == pytest.approx(n_names * memory_layers(model)[0].heads)
+        assert (shared.counts[i] <= everywhere.counts[i] + 1e-6).all()  # a subset of the same reads
+    with pytest.raises(ValueError, match="positions must be one of all, names"):
+        collect_background(model, tokenizer, texts, positions="nouns")

@@ -5,7 +5,8 @@ import pytest
 
 from smf_lib import experiment, tuning
 from smf_lib.data import load_facts, load_known_facts
-from smf_lib.experiment import at_matched_recall, combine_seeds
+from smf_lib.experiment import at_matched_recall
+from smf_lib.report import combine_seeds
 from smf_lib.tuning import choose
 
 
@@ -82,13 +83,15 @@ def test_known_answer_loss_change_is_reported_for_lost_and_kept_facts(monkeypatc
     texts = TextScores(torch.full((3,), 20.0, dtype=torch.float64), torch.full((3,), 10.0, dtype=torch.float64),
                        torch.zeros(3, dtype=torch.float64))
     setup = experiment.Setup(None, "test", None, None, [], [], [], None,
-                             {"known_fact_acc": 0.5, "known_answer_nll": 1.0}, texts, {},
-                             base_known_nll=torch.ones(4))
+                             {"known_fact_acc": 0.5, "known_answer_nll": 1.4}, texts, {},
+                             base_known_nll=torch.tensor([0.6, 1.5, 1.0, 2.5]))
     now = torch.tensor([1.0, 3.0, 0.5, 2.0])
     monkeypatch.setattr(experiment, "_scores", lambda s, m, full: (
         {"known_answer_nll": float(now.mean())}, [True, False, True, False], now, texts))
     result = experiment.evaluate(setup, model=None)
     assert result["known_fact_drop_pct"] == pytest.approx(50.0)
-    assert result["known_nll_increase"] == pytest.approx(0.625)
-    assert result["known_nll_increase_lost"] == pytest.approx(1.5)
-    assert result["known_nll_increase_kept"] == pytest.approx(-0.25)
+    assert result["known_nll_increase"] == pytest.approx(1.625 - 1.4)
+    assert result["known_nll_increase_lost"] == pytest.approx(0.5)  # (3 - 1.5 + 2 - 2.5) / 2
+    assert result["known_nll_increase_kept"] == pytest.approx(-0.05)
+    assert result["known_base_nll_lost"] == pytest.approx(2.0)  # how narrowly they were answered before
+    assert result["known_base_nll_kept"] == pytest.approx(0.8)

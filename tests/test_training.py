@@ -93,6 +93,18 @@ def test_sparse_method_needs_background(tiny):
         train(copy.deepcopy(model), tokenizer, FACTS, TrainConfig(steps=1), background=None, progress=False)
 
 
+def test_background_must_be_counted_where_the_configuration_says(tiny):
+    model, tokenizer, background = tiny
+    with pytest.raises(ValueError, match="counted at 'all' positions but the configuration says background_on"):
+        train(copy.deepcopy(model), tokenizer, FACTS, TrainConfig(steps=1, background_on="names"),
+              background=background, progress=False)
+    with pytest.raises(ValueError, match="background_on must be one of all, names"):
+        TrainConfig(background_on="nouns")
+    _, history = train(copy.deepcopy(model), tokenizer, FACTS, TrainConfig(steps=1, method="smf_random",
+                       background_on="names"), background=background, progress=False)  # random needs no counts
+    assert len(history.loss) == 1
+
+
 def _loudness(model, background) -> float:
     return locality_penalty(model, background.inputs, 512, torch.Generator().manual_seed(1)).item()
 
