@@ -43,6 +43,7 @@ class TrainConfig:
     count_on: str = "entities"       # slots counted at the subject and inside the answer; see counted_positions
     write_on: str = "read"           # sparse methods: rows learn from all their reads, or only at counted positions
     background_on: str = "all"       # where the background's slot use was counted: stats.BACKGROUND_POSITIONS
+    warmup: int = 0                  # steps over which the learning rate rises linearly to lr
     locality: float = 0.0            # sparse methods: weight of locality_penalty in the loss
     lora_rank: int = 16
     max_length: int = 64
@@ -65,6 +66,8 @@ class TrainConfig:
         if self.background_on not in BACKGROUND_POSITIONS:
             raise ValueError(f"background_on must be one of {', '.join(BACKGROUND_POSITIONS)}, "
                              f"got {self.background_on!r}.")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be a number of steps >= 0, got {self.warmup}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.precision == "fp16" and self.method in SPARSE_METHODS:
@@ -323,11 +326,13 @@ def train(
     batches = Batches(facts, tokenizer, config, accelerator)
     scaler = grad_scaler(config, accelerator.device)
     history = History(params_trained=params_trained)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup, 1)))
     bar = tqdm(range(config.steps), desc=config.method, disable=not (progress and accelerator.is_main_process))
     try:
         for step in bar:
             start = time.perf_counter()
             loss = train_step(model, optimizer, batches.next(), config, accelerator, scaler)
+            warmup.step()
             if isinstance(optimizer, SparseMemoryOptimizer):
                 history.selected.append({m.layer_index: len(r) for m, r in zip(optimizer.layers, optimizer.last_rows)})
             history.loss.append(loss)

@@ -105,6 +105,19 @@ def test_background_must_be_counted_where_the_configuration_says(tiny):
     assert len(history.loss) == 1
 
 
+def test_warmup_scales_the_first_steps(tiny):
+    """Row-wise Adam's first step moves each coordinate of a selected row by about lr; with a linear warm-up over
+    ten steps, by a tenth of it."""
+    def largest_move(**config):
+        trained, _ = _trained(tiny, steps=1, batch_size=4, top_t=8, lr=0.5, **config)
+        return max(m.values.weight.abs().max().item() for m in memory_layers(trained))
+
+    assert largest_move() == pytest.approx(0.5, rel=1e-3)
+    assert largest_move(warmup=10) == pytest.approx(0.05, rel=1e-3)
+    with pytest.raises(ValueError, match="warmup must be a number of steps >= 0"):
+        TrainConfig(warmup=-1)
+
+
 def _loudness(model, background) -> float:
     return locality_penalty(model, background.inputs, 512, torch.Generator().manual_seed(1)).item()
 
