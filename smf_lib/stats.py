@@ -71,8 +71,13 @@ def name_positions(tokenizer, texts: Sequence[str], max_length: int = 128) -> li
         spans = [m.span() for m in _NAME.finditer(text) if not _OPENING.search(text[:m.start()])]
         offsets = tokenizer(text, return_offsets_mapping=True, truncation=True,
                             max_length=max_length)["offset_mapping"]
-        masks.append([any(s < end and e > start for start, end in spans) for s, e in offsets])
+        masks.append(tokens_overlapping(offsets, spans))
     return masks
+
+
+def tokens_overlapping(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """For each token's character span (`offsets`), whether it overlaps one of `spans`."""
+    return [any(s < end and e > start for start, end in spans) for s, e in offsets]
 
 
 @dataclass

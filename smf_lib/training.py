@@ -17,7 +17,7 @@ from .losses import next_token_losses, predicting
 from .models import default_device, pad_id
 from .optim import RULES, WRITE_ON, SparseMemoryOptimizer
 from .retrofit import memory_layers
-from .stats import BACKGROUND_POSITIONS, SlotStats, recording
+from .stats import BACKGROUND_POSITIONS, SlotStats, recording, tokens_overlapping
 
 SPARSE_METHODS = ("smf_kl", "smf_tfidf", "smf_random")
 DENSE_METHODS = ("full_ft", "lora")
@@ -105,16 +105,11 @@ def build_examples(facts: Sequence[Fact], tokenizer, max_length: int = 64) -> li
         for sentence in fact.train:
             enc = tokenizer(sentence, return_offsets_mapping=True, truncation=True, max_length=max_length)
             start = sentence.rindex(fact.answer)
-            answer = _overlapping(enc["offset_mapping"], [(start, start + len(fact.answer))])
+            answer = tokens_overlapping(enc["offset_mapping"], [(start, start + len(fact.answer))])
             subject = fact.subject
             spans = [(m.start(), m.end()) for m in re.finditer(re.escape(subject), sentence)] if subject else []
-            examples.append(Example(enc["input_ids"], answer, _overlapping(enc["offset_mapping"], spans)))
+            examples.append(Example(enc["input_ids"], answer, tokens_overlapping(enc["offset_mapping"], spans)))
     return examples
-
-
-def _overlapping(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
-    """For each token's character span, whether it overlaps one of `spans`."""
-    return [any(s < end and e > start for start, end in spans) for s, e in offsets]
 
 
 def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -313,8 +308,8 @@ def train(
     accelerator = accelerator or Accelerator(cpu=default_device().type == "cpu")
     torch.manual_seed(config.seed)
     model.eval()  # no dropout: these models have none, and the result stays deterministic
-    counted_on = background.positions if background is not None else config.background_on
-    if config.method in ("smf_kl", "smf_tfidf") and counted_on != config.background_on:
+    scored = config.method in ("smf_kl", "smf_tfidf")
+    if scored and background is not None and background.positions != config.background_on:
         raise ValueError(f"The background was counted at {background.positions!r} positions but the configuration "
                          f"says background_on={config.background_on!r}: count it with collect_background(..., "
                          f"positions={config.background_on!r}) or change the configuration.")
@@ -326,13 +321,15 @@ def train(
     batches = Batches(facts, tokenizer, config, accelerator)
     scaler = grad_scaler(config, accelerator.device)
     history = History(params_trained=params_trained)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup, 1)))
+    warmup = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup))
+              if config.warmup else None)
     bar = tqdm(range(config.steps), desc=config.method, disable=not (progress and accelerator.is_main_process))
     try:
         for step in bar:
             start = time.perf_counter()
             loss = train_step(model, optimizer, batches.next(), config, accelerator, scaler)
-            warmup.step()
+            if warmup is not None:
+                warmup.step()
             if isinstance(optimizer, SparseMemoryOptimizer):
                 history.selected.append({m.layer_index: len(r) for m, r in zip(optimizer.layers, optimizer.last_rows)})
             history.loss.append(loss)
