@@ -15,10 +15,12 @@ LABELS = {"smf_kl": "SMF (KL)", "smf_tfidf": "SMF (TF-IDF)", "smf_random": "SMF 
           "full_ft": "Full finetuning", "lora": "LoRA"}
 MATCHED = [("paraphrase_recall", "paraphrase recall", "{:.2f}"), ("ppl_increase_pct", "ppl change %", "{:+.2f}"),
            ("known_fact_drop_pct", "known-fact drop %", "{:.1f}"),
+           ("known_fact_drop_firm_pct", "firm: drop %", "{:.1f}"),
            ("known_nll_increase", "known-answer loss change (nats)", "{:+.3f}"), ("step", "step", "{:.0f}")]
 FINAL = [("fact_recall", "fact recall", "{:.2f}"), ("paraphrase_recall", "paraphrase recall", "{:.2f}"),
          ("ppl_increase_pct", "ppl change %", "{:+.2f}"), ("kl_to_base", "KL to base", "{:.4f}"),
          ("known_fact_drop_pct", "known-fact drop %", "{:.1f}"),
+         ("known_fact_drop_firm_pct", "firm: drop %", "{:.1f}"),
          ("known_nll_increase", "known-answer loss change (nats)", "{:+.3f}"),
          ("answer_bleed_pct", "answer bleed %", "{:.1f}"),
          ("steps", "steps", "{:.0f}"), ("params_changed", "params changed", "{:,.0f}"),
@@ -106,7 +108,8 @@ def format_report(summary: dict) -> str:
         f"Retrofitted model before training: held-out perplexity {base['heldout_ppl']:.2f}, fact recall "
         f"{base['fact_recall']:.2f}, paraphrase recall {base['paraphrase_recall']:.2f}, answer bleed "
         f"{base['answer_bleed_pct']:.1f}%; it answers {base['known_facts_kept_by_base']} of the split's "
-        f"{base['known_facts_total']} known facts (the ones that can be forgotten).", "",
+        f"{base['known_facts_total']} known facts (the ones that can be forgotten), "
+        f"{base.get('known_facts_firm', '–')} of them firmly (answer loss ≤ 1 nat per token; \"firm\" columns).", "",
         *_heal_lines(summary.get("heal")),
         f"## At matched learning (fact recall {target:.2f})", "",
         "Each figure interpolated between the two checkpoints around the target recall.", "",

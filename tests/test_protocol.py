@@ -75,7 +75,8 @@ def test_matched_figures_average_only_the_seeds_that_reached_the_target():
 
 def test_known_answer_loss_change_is_reported_for_lost_and_kept_facts(monkeypatch):
     """The graded score: the mean change of the known answers' loss, and the same over the facts no longer answered
-    and over those still answered (a flip at the margin shows as a small change among the lost)."""
+    and over those still answered (a flip at the margin shows as a small change among the lost); and the drop among
+    the firmly known facts beside the drop among all."""
     import torch
 
     from smf_lib.evaluation import TextScores
@@ -95,3 +96,4 @@ def test_known_answer_loss_change_is_reported_for_lost_and_kept_facts(monkeypatc
     assert result["known_nll_increase_kept"] == pytest.approx(-0.05)
     assert result["known_base_nll_lost"] == pytest.approx(2.0)  # how narrowly they were answered before
     assert result["known_base_nll_kept"] == pytest.approx(0.8)
+    assert result["known_fact_drop_firm_pct"] == 0.0  # both facts lost were near ties (answer loss above 1 nat)
