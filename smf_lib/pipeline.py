@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .calibration import calibrate_queries
+from .calibration import calibrate_keys, calibrate_queries
 from .healing import HealConfig, heal
 from .retrofit import MemoryConfig, retrofit
 from .stats import SlotStats, collect_background, layer_inputs
@@ -34,4 +34,6 @@ def prepare_memory(model: torch.nn.Module, tokenizer, texts: Sequence[str], conf
         return collect_background(model, tokenizer, texts, progress=progress, positions=background_on)
     inputs = layer_inputs(model, tokenizer, texts, progress=progress)
     calibrate_queries(model, tokenizer, texts, seed=config.seed, inputs=inputs)
+    if config.key_init == "kmeans":
+        calibrate_keys(model, inputs, seed=config.seed)
     return collect_background(model, tokenizer, texts, inputs=inputs, positions=background_on)

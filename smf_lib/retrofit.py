@@ -16,6 +16,7 @@ from .files import save_tensors
 from .memory import ProductKeyMemory
 
 MODES = ("additive", "replace")
+KEY_INITS = ("random", "kmeans")
 DEFAULT_DEPTHS = (0.75, 0.9)  # where memory layers go by default, as fractions of the model's depth
 
 
@@ -48,6 +49,7 @@ class MemoryConfig:
     qk_norm: bool = True
     output_scale: float = 20.0
     mode: str = "additive"
+    key_init: str = "random"     # "kmeans": sub-keys at centroids of the background's queries (calibrate_keys)
     seed: int = 0
 
     @classmethod
@@ -125,6 +127,10 @@ def retrofit(model: nn.Module, config: MemoryConfig | None = None) -> nn.Module:
         raise RetrofitError("This model already has memory layers; retrofit a fresh copy of the base model instead.")
     if config.mode not in MODES:
         raise RetrofitError(f"mode must be one of {MODES}, got {config.mode!r}.")
+    if config.key_init not in KEY_INITS or (config.key_init == "kmeans" and not (config.qk_norm and
+                                                                                config.mode == "additive")):
+        raise RetrofitError(f"key_init must be one of {KEY_INITS}, got {config.key_init!r}; 'kmeans' needs "
+                            "qk_norm=True and mode='additive' (healing trains a replace-mode memory's keys).")
     blocks = decoder_layers(model)
     layers = config.resolved_layers(len(blocks))
     dim = model.get_input_embeddings().embedding_dim

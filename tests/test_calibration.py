@@ -1,12 +1,14 @@
 """One pass over the background: query calibration and slot statistics from the same captured layer inputs."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from smf_lib.calibration import calibrate_queries
+from smf_lib.calibration import calibrate_keys, calibrate_queries, spherical_kmeans
 from smf_lib.data import load_background
 from smf_lib.models import load_base_model
-from smf_lib.retrofit import MemoryConfig, memory_layers, retrofit
+from smf_lib.retrofit import MemoryConfig, RetrofitError, memory_layers, retrofit
 from smf_lib.stats import collect_background, layer_inputs, name_positions
 
 
@@ -74,3 +76,38 @@ def test_background_counted_at_names_from_captured_inputs_and_streamed_agree():
         assert (shared.counts[i] <= everywhere.counts[i] + 1e-6).all()  # a subset of the same reads
     with pytest.raises(ValueError, match="positions must be one of all, names"):
         collect_background(model, tokenizer, texts, positions="nouns")
+
+
+def test_spherical_kmeans_finds_separated_directions():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.eye(8)[:3]
+    x = torch.nn.functional.normalize(centres.repeat(50, 1) + 0.05 * torch.randn(150, 8, generator=generator), dim=1)
+    found = spherical_kmeans(x, 3, iterations=10, generator=generator)
+    assert torch.allclose(found.norm(dim=1), torch.ones(3))
+    assert (found @ centres.T).max(0).values.min() > 0.99  # each true direction has its centroid
+
+
+def test_kmeans_keys_fit_the_background_queries_better_than_random_keys():
+    texts = load_background()[:24]
+    model, tokenizer = fresh_memory()
+    inputs = layer_inputs(model, tokenizer, texts, progress=False)
+    calibrate_queries(model, tokenizer, texts, seed=3, inputs=inputs)
+
+    @torch.no_grad()
+    def best_sub_key_scores() -> float:  # mean cosine of each background sub-query to its nearest sub-key
+        return sum(float(s.max(-1).values.mean()) for m in memory_layers(model)
+                   for s in m.sub_key_scores(inputs.x[m.layer_index]))
+
+    before = best_sub_key_scores()
+    calibrate_keys(model, inputs, seed=3)
+    assert best_sub_key_scores() > before + 0.1
+    assert all(torch.allclose(m.keys.norm(dim=-1), torch.ones(())) for m in memory_layers(model))
+    assert all((m.values.weight == 0).all() for m in memory_layers(model))  # the model's function is unchanged
+
+
+def test_kmeans_keys_need_normalised_queries_in_additive_mode():
+    for config in (MemoryConfig(key_init="kmeans", qk_norm=False), MemoryConfig(key_init="kmeans", mode="replace"),
+                   MemoryConfig(key_init="clustered")):
+        model, _ = load_base_model("tiny")
+        with pytest.raises(RetrofitError, match="key_init must be one of"):
+            retrofit(model, replace(config, n_keys=16, topk=4, key_dim=32))
