@@ -52,8 +52,9 @@ def calibrate_keys(model: torch.nn.Module, inputs: LayerInputs, iterations: int 
     """Set each head's sub-keys to spherical k-means centroids of the background's sub-queries.
 
     Random sub-keys cut the query space evenly whatever the data; centroids follow it, so that contexts which
-    are alike read the same slots and unlike ones (a new name and a known one) part more readily. Needs query/key
-    normalisation (centroids are directions) and calibrated queries; values stay zero.
+    are alike read the same slots. On the tune split that made a new name's rows rows that real names read, and
+    three times as many known facts were lost (docs/RESULTS.md, 2026-12-04); random keys stay the default. Needs
+    query/key normalisation (centroids are directions) and calibrated queries; values stay zero.
     """
     generator = torch.Generator().manual_seed(seed)
     for m in memory_layers(model):
