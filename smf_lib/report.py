@@ -74,6 +74,9 @@ def _table(rows: dict[str, dict | None], columns: list[tuple[str, str, str]], fi
 
 
 def _interval(m: dict, key: str) -> str:
+    """A run's interval; with several seeds, each seed's (their mean has none of its own)."""
+    if m.get("per_seed"):
+        return "; ".join(_interval(run, key) for run in m["per_seed"])
     low, high = m.get(key) or (float("nan"), float("nan"))
     return f"[{low:+.2f}, {high:+.2f}]"
 
@@ -117,7 +120,7 @@ def format_report(summary: dict) -> str:
         "## At the end of training", "",
         "Training stops at the first checkpoint at or above the target recall, or when the step budget runs out.", "",
         *_table({_label(m): v for m, v in methods.items()}, FINAL), "",
-        "95% bootstrap intervals (held-out texts, known facts resampled); learning rates and loss:", "",
+        "95% bootstrap intervals (held-out texts, known facts resampled; one per seed); learning rates and loss:", "",
         "| method | ppl change % | known-fact drop % | lr | loss on |", "|---|---|---|---|---|",
     ]
     for method, m in methods.items():

@@ -76,6 +76,7 @@ def test_summary_has_every_contract_key(tiny_run):
 def test_report_and_figure_are_written(tiny_run):
     report = (tiny_run / "report.md").read_text()
     assert "| SMF (KL) |" in report and "| LoRA |" in report and "matched learning" in report
+    assert "nan" not in report  # two seeds: each seed's interval, not one of their mean
     assert (tiny_run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tiny_run.iterdir() if p.name.startswith(".")]  # no temporary files left
 
