@@ -127,7 +127,7 @@ def retrofit(model: nn.Module, config: MemoryConfig | None = None) -> nn.Module:
         raise RetrofitError("This model already has memory layers; retrofit a fresh copy of the base model instead.")
     if config.mode not in MODES:
         raise RetrofitError(f"mode must be one of {MODES}, got {config.mode!r}.")
-    centroids_apply = config.qk_norm and config.mode == "additive"  # directions, and keys that healing leaves
+    centroids_apply = config.qk_norm and config.mode == "additive"  # unit directions; healing retrains replace keys
     if config.key_init not in KEY_INITS or (config.key_init == "kmeans" and not centroids_apply):
         raise RetrofitError(f"key_init must be one of {KEY_INITS}, got {config.key_init!r}; 'kmeans' needs "
                             "qk_norm=True and mode='additive' (healing trains a replace-mode memory's keys).")
