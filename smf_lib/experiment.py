@@ -7,7 +7,7 @@ import copy
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +61,7 @@ class Setup:
     retrofit_info: dict
     heal: dict | None = None  # what healing did (replace mode only)
     base_known_nll: torch.Tensor | None = None  # each known fact's answer loss before training
+    unknown: list[KnownFact] = field(default_factory=list)  # the split's known facts it does not answer: gains
 
 
 def split_facts(profile: Profile, split: str, facts_path: str | Path | None = None) -> list[Fact]:
@@ -118,6 +119,7 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     setup = Setup(profile, split, model, tokenizer, facts, known_all, heldout, background, {}, None, retrofit_info)
     step0, known_ok, known_nll, setup.base_texts = _scores(setup, model, full=True)
     setup.known = [k for k, ok in zip(known_all, known_ok) if ok]
+    setup.unknown = [k for k, ok in zip(known_all, known_ok) if not ok]
     setup.base_known_nll = known_nll[torch.tensor(known_ok, dtype=torch.bool)]
     setup.base = {**step0, "known_answer_nll": _share(setup.base_known_nll.tolist()),
                   "heldout_ppl": setup.base_texts.perplexity,
@@ -158,10 +160,11 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, lis
     heldout = [(q, f.answer) for i, f in enumerate(facts)
                for j, q in enumerate(f.heldout) if full or j == i % len(f.heldout)]
     neighbours = [n for f in facts for n in f.neighbours] if full else []
+    unknown = setup.unknown if full else []
     prompts = [f.probe for f in facts] + [q for q, _ in heldout] + neighbours + [k.prompt for k in setup.known]
-    done = complete(model, tok, prompts)
+    done = complete(model, tok, prompts + [k.prompt for k in unknown])
     probes, done = done[: len(facts)], done[len(facts):]
-    questions, unchanged = done[: len(heldout)], done[len(heldout):]  # neighbours, then known facts
+    questions, unchanged = done[: len(heldout)], done[len(heldout):len(prompts) - len(facts)]  # neighbours, known
     known_ok = [contains_answer(c, k.answers()) for c, k in zip(unchanged[len(neighbours):], setup.known)]
     trained = [f.answer for f in facts]
     known_nll = _known_nll(setup, model)
@@ -174,6 +177,9 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, lis
         scores["paraphrase_recall_sampled"] = _share(contains_answer(questions[j], [heldout[j][1]]) for j in sampled)
         scores["answer_bleed_pct"] = 100 * _share(contains_answer(c, trained) for c in unchanged)
         scores["paraphrase_by_format"] = _by_format(facts, questions)
+        gained = sum(contains_answer(c, k.answers()) for c, k in zip(done[len(prompts) - len(facts):], unknown))
+        # Near ties flip both ways under any change: gains beside losses, in units of the facts the base answers.
+        scores["known_fact_gain_pct"] = 100 * gained / max(len(setup.known), 1)
     reference = setup.model if full and model is not setup.model else None
     return scores, known_ok, known_nll, score_texts(model, tok, setup.heldout, reference=reference)
 
@@ -222,6 +228,7 @@ def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
         result["kl_to_base"] = texts.kl_per_token
         result["ppl_increase_ci95"] = bootstrap_interval(ppl_change, len(texts.nll))
         result["known_fact_drop_ci95"] = bootstrap_interval(lambda i: 100 * (1 - float(kept[i].mean())), len(kept))
+        result["known_fact_net_pct"] = scores["known_fact_gain_pct"] - result["known_fact_drop_pct"]
         # Are the lost facts' answers much less likely now, or were they answered narrowly before?
         change, lost = known_nll - setup.base_known_nll, torch.tensor([not ok for ok in known_ok], dtype=torch.bool)
         result["known_nll_increase_lost"] = _share(change[lost].tolist()) if lost.any() else None

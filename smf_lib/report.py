@@ -21,6 +21,7 @@ FINAL = [("fact_recall", "fact recall", "{:.2f}"), ("paraphrase_recall", "paraph
          ("ppl_increase_pct", "ppl change %", "{:+.2f}"), ("kl_to_base", "KL to base", "{:.4f}"),
          ("known_fact_drop_pct", "known-fact drop %", "{:.1f}"),
          ("known_fact_drop_firm_pct", "firm: drop %", "{:.1f}"),
+         ("known_fact_gain_pct", "known-fact gain %", "{:.1f}"),
          ("known_nll_increase", "known-answer loss change (nats)", "{:+.3f}"),
          ("answer_bleed_pct", "answer bleed %", "{:.1f}"),
          ("steps", "steps", "{:.0f}"), ("params_changed", "params changed", "{:,.0f}"),

@@ -88,7 +88,7 @@ def test_known_answer_loss_change_is_reported_for_lost_and_kept_facts(monkeypatc
                              base_known_nll=torch.tensor([0.6, 1.5, 1.0, 2.5]))
     now = torch.tensor([1.0, 3.0, 0.5, 2.0])
     monkeypatch.setattr(experiment, "_scores", lambda s, m, full: (
-        {"known_answer_nll": float(now.mean())}, [True, False, True, False], now, texts))
+        {"known_answer_nll": float(now.mean()), "known_fact_gain_pct": 25.0}, [True, False, True, False], now, texts))
     result = experiment.evaluate(setup, model=None)
     assert result["known_fact_drop_pct"] == pytest.approx(50.0)
     assert result["known_nll_increase"] == pytest.approx(1.625 - 1.4)
@@ -97,3 +97,26 @@ def test_known_answer_loss_change_is_reported_for_lost_and_kept_facts(monkeypatc
     assert result["known_base_nll_lost"] == pytest.approx(2.0)  # how narrowly they were answered before
     assert result["known_base_nll_kept"] == pytest.approx(0.8)
     assert result["known_fact_drop_firm_pct"] == 0.0  # both facts lost were near ties (answer loss above 1 nat)
+    assert result["known_fact_net_pct"] == pytest.approx(25.0 - 50.0)  # one gained, two lost, of four answered
+
+
+def test_known_facts_the_base_model_missed_count_as_gains_when_answered_now(monkeypatch):
+    """Any change of the model flips near ties both ways: a full evaluation also completes the known facts the base
+    model did not answer and reports those now answered, per fact the base model answers."""
+    import torch
+
+    from smf_lib.data import KnownFact
+    from smf_lib.evaluation import TextScores
+
+    known = [KnownFact(f"k{i}", f"Known {i} is", "yes") for i in range(4)]
+    unknown = [KnownFact(f"u{i}", f"Unknown {i} is", "yes") for i in range(3)]
+    now_answered = {"Known 0 is", "Unknown 0 is", "Unknown 2 is"}
+    monkeypatch.setattr(experiment, "complete", lambda m, t, prompts: [
+        "yes" if p in now_answered else "no" for p in prompts])
+    monkeypatch.setattr(experiment, "_known_nll", lambda s, m: torch.zeros(len(s.known)))
+    monkeypatch.setattr(experiment, "score_texts", lambda *a, **k: TextScores(torch.ones(1), torch.ones(1)))
+    setup = experiment.Setup(None, "test", object(), None, [], known, [], None, {}, None, {}, unknown=unknown)
+    scores, known_ok, _, _ = experiment._scores(setup, object(), full=True)
+    assert known_ok == [True, False, False, False]
+    assert scores["known_fact_gain_pct"] == pytest.approx(100 * 2 / 4)
+    assert "known_fact_gain_pct" not in experiment._scores(setup, object(), full=False)[0]  # checkpoints skip them
