@@ -68,6 +68,8 @@ def test_summary_has_every_contract_key(tiny_run):
         assert all(METHOD_KEYS <= run.keys() for run in scores["per_seed"])  # intervals are per seed
         assert len(scores["per_seed"]) == 2 and scores["steps"] > 0
         assert scores["fact_recall"] == pytest.approx(sum(s["fact_recall"] for s in scores["per_seed"]) / 2)
+        for run in scores["per_seed"]:  # churn: known facts gained beside those lost
+            assert run["known_fact_net_pct"] == pytest.approx(run["known_fact_gain_pct"] - run["known_fact_drop_pct"])
     smf, full = summary["methods"]["smf_kl"], summary["methods"]["full_ft"]
     assert smf["params_trained"] < full["params_trained"]
     assert summary["checkpoints"]["smf_kl"][0]["step"] == 0  # curves start at the measured step 0
