@@ -40,6 +40,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     top_t: int = 500                 # value rows per memory layer per step
     loss_on: str = "all"             # "all": loss on every token; "answer": on the answer tokens only
+    loss_floor: float = 0.0          # tokens predicted with a loss below this (nats) give no gradient
     count_on: str = "entities"       # slots counted at the subject and inside the answer; see counted_positions
     write_on: str = "read"           # sparse methods: rows learn from all their reads, or only at counted positions
     background_on: str = "all"       # where the background's slot use was counted: stats.BACKGROUND_POSITIONS
@@ -66,6 +67,8 @@ class TrainConfig:
         if self.background_on not in BACKGROUND_POSITIONS:
             raise ValueError(f"background_on must be one of {', '.join(BACKGROUND_POSITIONS)}, "
                              f"got {self.background_on!r}.")
+        if self.loss_floor < 0:
+            raise ValueError(f"loss_floor must be a loss in nats >= 0, got {self.loss_floor}.")
         if self.warmup < 0:
             raise ValueError(f"warmup must be a number of steps >= 0, got {self.warmup}.")
         if self.precision not in PRECISIONS:
@@ -143,12 +146,19 @@ def counted_positions(batch: dict[str, torch.Tensor], count_on: str) -> torch.Te
             "both": answer | subject}[count_on]
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                   loss_on: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token loss over the trained tokens, and how many tokens that is."""
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_on: str,
+                   floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss over the trained tokens, and how many tokens that is.
+
+    A token already predicted with a loss below `floor` gives no gradient (the clamp's): training stops pushing what
+    it has learned, so the weights move no further than learning needs.
+    """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     trained = predicting(batch["answer"] if loss_on == "answer" else batch["attention_mask"])
-    return (next_token_losses(logits, batch["input_ids"]) * trained).sum(), trained.sum()
+    losses = next_token_losses(logits, batch["input_ids"])
+    if floor:
+        losses = losses.clamp_min(floor)
+    return (losses * trained).sum(), trained.sum()
 
 
 SCORE_OF = {"smf_kl": "kl", "smf_tfidf": "tfidf", "smf_random": "random"}
@@ -249,7 +259,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     if dtype == torch.float16 and scaler is None:
         raise ValueError("An fp16 training step needs a loss scaler: pass grad_scaler(config, device).")
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        loss_sum, n_local = token_loss_sum(model, batch, config.loss_on)
+        loss_sum, n_local = token_loss_sum(model, batch, config.loss_on, config.loss_floor)
         n_tokens = accelerator.reduce(n_local.float(), "sum")
         loss = loss_sum * accelerator.num_processes / n_tokens.clamp_min(1)
         if config.locality and isinstance(optimizer, SparseMemoryOptimizer):

@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from smf_lib.data import load_facts
+from smf_lib.losses import next_token_losses
 from smf_lib.retrofit import memory_layers
 from smf_lib.stats import recording
-from smf_lib.training import METHODS, TrainConfig, autocast_dtype, locality_penalty, make_optimizer, train
+from smf_lib.training import (
+    METHODS,
+    TrainConfig,
+    autocast_dtype,
+    locality_penalty,
+    make_optimizer,
+    token_loss_sum,
+    train,
+)
 
 FACTS = load_facts(limit=4)
 
@@ -116,6 +125,26 @@ def test_warmup_scales_the_first_steps(tiny):
     assert largest_move(warmup=10) == pytest.approx(0.05, rel=1e-3)
     with pytest.raises(ValueError, match="warmup must be a number of steps >= 0"):
         TrainConfig(warmup=-1)
+
+
+def test_loss_floor_stops_the_gradient_of_tokens_already_learned(tiny):
+    """Tokens predicted with a loss below the floor count at the floor and give no gradient; the others count as
+    they are."""
+    model, tokenizer, _ = tiny
+    model = copy.deepcopy(model)
+    batch = dict(tokenizer(["The capital of France is Paris, and of Spain Madrid."], return_tensors="pt"))
+    with torch.no_grad():
+        losses = next_token_losses(model(**batch).logits, batch["input_ids"])[0, :-1]
+    batch["answer"] = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    floor = float(losses.median())
+    total, n = token_loss_sum(model, batch, "all", floor)
+    assert n == len(losses) and total.item() == pytest.approx(float(losses.clamp_min(floor).sum()), rel=1e-5)
+    assert token_loss_sum(model, batch, "all")[0].item() == pytest.approx(float(losses.sum()), rel=1e-5)
+    above_all, _ = token_loss_sum(model, batch, "all", float(losses.max()) + 1)
+    above_all.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    with pytest.raises(ValueError, match="loss_floor must be"):
+        TrainConfig(loss_floor=-0.1)
 
 
 def _loudness(model, background) -> float:
