@@ -163,8 +163,9 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, lis
     unknown = setup.unknown if full else []
     prompts = [f.probe for f in facts] + [q for q, _ in heldout] + neighbours + [k.prompt for k in setup.known]
     done = complete(model, tok, prompts + [k.prompt for k in unknown])
+    done, missed = done[: len(prompts)], done[len(prompts):]  # the known facts the base model did not answer
     probes, done = done[: len(facts)], done[len(facts):]
-    questions, unchanged = done[: len(heldout)], done[len(heldout):len(prompts) - len(facts)]  # neighbours, known
+    questions, unchanged = done[: len(heldout)], done[len(heldout):]  # neighbours, then known facts
     known_ok = [contains_answer(c, k.answers()) for c, k in zip(unchanged[len(neighbours):], setup.known)]
     trained = [f.answer for f in facts]
     known_nll = _known_nll(setup, model)
@@ -177,7 +178,7 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, lis
         scores["paraphrase_recall_sampled"] = _share(contains_answer(questions[j], [heldout[j][1]]) for j in sampled)
         scores["answer_bleed_pct"] = 100 * _share(contains_answer(c, trained) for c in unchanged)
         scores["paraphrase_by_format"] = _by_format(facts, questions)
-        gained = sum(contains_answer(c, k.answers()) for c, k in zip(done[len(prompts) - len(facts):], unknown))
+        gained = sum(contains_answer(c, k.answers()) for c, k in zip(missed, unknown))
         # Near ties flip both ways under any change: gains beside losses, in units of the facts the base answers.
         scores["known_fact_gain_pct"] = 100 * gained / max(len(setup.known), 1)
     reference = setup.model if full and model is not setup.model else None
