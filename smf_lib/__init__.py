@@ -24,7 +24,8 @@ from .healing import HealConfig, heal
 from .memory import ProductKeyMemory, SlotAccess
 from .models import ModelNotAvailableError, load_base_model
 from .optim import RowAdam, RowSGD, SparseMemoryOptimizer
-from .patches import MemoryPatch, PatchError, apply_patch, load_patch, merge_patches, revert_patch, save_patch
+from .patches import (MemoryPatch, PatchError, apply_patch, load_patch, lock_patch, merge_patches, revert_patch,
+                      save_patch)
 from .pipeline import prepare_memory
 from .profiles import PROFILES, Profile, get_profile
 from .retrofit import MemoryConfig, RetrofitError, load_memory, memory_layers, retrofit, save_memory
@@ -60,4 +61,5 @@ __all__ = [
     "snapshot", "parameter_changes", "changed_rows", "layer_attribution",
     # memory patches: a trained fact set as a file to apply, revert and merge
     "MemoryPatch", "PatchError", "save_patch", "load_patch", "apply_patch", "revert_patch", "merge_patches",
+    "lock_patch",
 ]

@@ -112,6 +112,7 @@ class ProductKeyMemory(nn.Module):
         self.recording = False
         self.last_access: SlotAccess | None = None
         self.read_gradients: ReadGradients | None = None
+        self.locked: torch.Tensor | None = None  # bool per slot: rows sparse training may not select (lock_patch)
 
     @property
     def n_slots(self) -> int:

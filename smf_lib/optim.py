@@ -218,7 +218,8 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Choose the top-t rows per layer from the counted forwards since the last step and update only them."""
+        """Choose the top-t rows per layer from the counted forwards since the last step (never a row the memory has
+        locked, see `lock_patch`) and update only them."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -229,7 +230,10 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         start = time.perf_counter()
         rows = []
         for m in self.layers:
-            rows.append(select_top(self.scores(m.layer_index, self._summed(self.counts[m.layer_index])), self.top_t))
+            scores = self.scores(m.layer_index, self._summed(self.counts[m.layer_index]))
+            if m.locked is not None:
+                scores = scores.masked_fill(m.locked.to(scores.device), -torch.inf)
+            rows.append(select_top(scores, self.top_t))
         self.selection_seconds += time.perf_counter() - start
         group = self.param_groups[0]
         self.rows_optimizer.lr = group["lr"]

@@ -150,6 +150,23 @@ def revert_patch(model: torch.nn.Module, patch: MemoryPatch) -> torch.nn.Module:
     return _swap(model, patch, patch.values, patch.before, "revert this patch")
 
 
+def lock_patch(model: torch.nn.Module, patch: MemoryPatch, locked: bool = True) -> torch.nn.Module:
+    """Keep sparse training off the patch's rows (or, with `locked=False`, let it choose them again).
+
+    Later training then writes other rows, so a patch installed before it stays intact and can still be reverted
+    on its own; the lock is a property of the model in memory, not saved with it.
+    """
+    layers = {m.layer_index: m for m in memory_layers(model)}
+    if missing := set(patch.rows) - set(layers):
+        raise PatchError(f"This patch changes memory layers {sorted(missing)}, which this model does not have.")
+    for i, rows in patch.rows.items():
+        memory = layers[i]
+        if memory.locked is None:
+            memory.locked = torch.zeros(memory.n_slots, dtype=torch.bool, device=memory.values.weight.device)
+        memory.locked[rows.to(memory.locked.device)] = locked
+    return model
+
+
 def merge_patches(first: MemoryPatch, second: MemoryPatch,
                   on_collision: str = "refuse") -> tuple[MemoryPatch, dict[int, torch.Tensor]]:
     """One patch with the rows of both, and the rows both change, per layer.

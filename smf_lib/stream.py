@@ -24,7 +24,7 @@ from .data import Fact
 from .evaluation import complete, hit_rate
 from .experiment import Setup, evaluate, prepare, split_facts, train_method
 from .files import save_figure, write_json
-from .patches import MemoryPatch, revert_patch, save_patch
+from .patches import MemoryPatch, lock_patch, revert_patch, save_patch
 from .plots import GREY, HEATMAP_CMAP, PALETTE, theme
 from .profiles import Profile, get_profile
 from .report import LABELS
@@ -81,13 +81,14 @@ class MethodStream:
 
 
 def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hyper: dict,
-                  patch_dir: str | Path | None = None, seed: int = 0, progress: bool = True) -> MethodStream:
+                  patch_dir: str | Path | None = None, seed: int = 0, progress: bool = True,
+                  lock: bool = False) -> MethodStream:
     """Train `method` on each part in turn, each round from the previous round's model, and score after each.
 
     A round stops at the profile's target recall on its own facts, checked every third of the profile's
     checkpoint interval; everything else is measured once, after the round. Sparse methods save each round's
     patch (against the model before the round) into `patch_dir`, or into a temporary folder when it is None, only
-    to measure its size.
+    to measure its size; with `lock` later rounds may not write a round's rows (`lock_patch`).
     """
     sparse = method in SPARSE_METHODS
     eval_every = max(setup.profile.run.eval_every // 3, 1)  # checkpoints measure recall only: they can be frequent
@@ -102,6 +103,8 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
         if sparse:
             patch, size = _round_patch(run.model, current, patch_dir, method, j)
             patches.append(patch)
+            if lock:
+                lock_patch(run.model, patch)
             entry["patch_bytes"].append(size)
             entry["patch_rows"].append(patch.n_rows)
         current = run.model  # the next round continues from here; the previous model can be freed
@@ -171,10 +174,11 @@ def new_stream_summary(setup: Setup, parts: Sequence[Sequence[Fact]], seed: int,
 
 def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = STREAM_METHODS, rounds: int = 5,
                out: str | Path | None = None, hypers: dict[str, dict] | None = None, seed: int = 0,
-               progress: bool = True) -> dict:
+               progress: bool = True, lock: bool = False) -> dict:
     """Teach the test facts in `rounds` rounds with every method; write `out/summary.json`, `out/stream.png` and
     the sparse methods' patches (`out/patches/<method>/round-<i>.safetensors`) after every method; return the
-    summary. `hypers` (method -> TrainConfig fields) defaults to the profile's tuned settings."""
+    summary. `hypers` (method -> TrainConfig fields) defaults to the profile's tuned settings; with `lock`, sparse
+    methods keep each round's rows out of later rounds' reach."""
     profile = get_profile(profile)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -190,9 +194,9 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
     started = time.perf_counter()
     setup = prepare(profile, "test", seed=seed, progress=progress)
     parts = split_rounds(setup.facts, rounds)
-    summary = new_stream_summary(setup, parts, seed, tuning)
+    summary = new_stream_summary(setup, parts, seed, tuning) | {"locked_rounds": lock}
     for method in methods:
-        stream = stream_method(setup, parts, method, hypers[method], out / "patches", seed, progress)
+        stream = stream_method(setup, parts, method, hypers[method], out / "patches", seed, progress, lock)
         if method in SPARSE_METHODS:
             stream.entry["revert"] = revert_summary(setup, parts, stream)
         summary["methods"][method] = stream.entry

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from smf_lib.data import load_facts
-from smf_lib.patches import PatchError, apply_patch, load_patch, make_patch, merge_patches, revert_patch, save_patch
+from smf_lib.patches import (PatchError, apply_patch, load_patch, lock_patch, make_patch, merge_patches, revert_patch,
+                             save_patch)
 from smf_lib.retrofit import memory_layers
 from smf_lib.training import TrainConfig, train
 
@@ -84,3 +85,24 @@ def test_sequential_patches_merge_into_one_that_reverts_to_the_start(trained, ti
     assert all(torch.equal(x, y) for x, y in zip(_values(model), _values(later)))
     revert_patch(model, merged)
     assert all(torch.equal(x, y) for x, y in zip(_values(model), _values(reference)))
+
+
+def test_a_locked_patch_keeps_later_training_off_its_rows(trained, tiny_ready):
+    reference, first, _ = trained
+    _, tokenizer, background = tiny_ready
+    patch, facts = make_patch(first, reference), load_facts(limit=2)  # the first patch's own facts read its rows
+    config = TrainConfig(steps=3, batch_size=4, top_t=8, lr=0.5, seed=1)
+
+    def shared_rows(model):
+        later = make_patch(train(model, tokenizer, facts, config, background, progress=False)[0], first)
+        return sum(len(set(later.rows[i].tolist()) & set(patch.rows[i].tolist())) for i in patch.rows), later
+
+    assert shared_rows(copy.deepcopy(first))[0] > 0  # unlocked, training the same facts again rewrites them
+    locked = lock_patch(copy.deepcopy(first), patch)
+    shared, later = shared_rows(locked)
+    assert shared == 0 and later.n_rows > 0
+    revert_patch(locked, patch)  # the first patch is intact and reverts on its own; the later rows stay
+    assert all(torch.equal(m.values.weight[later.rows[m.layer_index]], later.values[m.layer_index])
+               for m in memory_layers(locked))
+    lock_patch(locked, patch, locked=False)
+    assert all(not m.locked.any() for m in memory_layers(locked))

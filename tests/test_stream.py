@@ -78,6 +78,16 @@ def test_revert_restores_the_rounds_rows_and_leaves_the_others(streamed):
         assert torch.isin(shared[layer], stream.patches[1].rows[layer]).all()
 
 
+def test_locked_rounds_write_disjoint_rows_and_revert_whole(streamed):
+    setup, parts, unlocked = streamed
+    assert sum(len(r) for r in revert_round(copy.deepcopy(unlocked.model), unlocked.patches, 0)[1].values()) > 0
+    stream = stream_method(setup, parts, "smf_kl", HYPERS["smf_kl"], progress=False, lock=True)
+    first, second = stream.patches
+    assert all(not torch.isin(second.rows[i], first.rows[i]).any() for i in first.rows)
+    reverted, shared = revert_round(stream.model, stream.patches, 0)
+    assert reverted.n_rows == first.n_rows and not any(len(r) for r in shared.values())
+
+
 def test_rounds_stop_on_recall_checks_alone(streamed):
     setup, parts, _ = streamed
     run = train_method(setup, "smf_kl", HYPERS["smf_kl"], max_steps=4, eval_every=2, recall_only=True,
