@@ -24,8 +24,16 @@ from .healing import HealConfig, heal
 from .memory import ProductKeyMemory, SlotAccess
 from .models import ModelNotAvailableError, load_base_model
 from .optim import RowAdam, RowSGD, SparseMemoryOptimizer
-from .patches import (MemoryPatch, PatchError, apply_patch, load_patch, lock_patch, merge_patches, revert_patch,
-                      save_patch)
+from .patches import (
+    MemoryPatch,
+    PatchError,
+    apply_patch,
+    load_patch,
+    lock_patch,
+    merge_patches,
+    revert_patch,
+    save_patch,
+)
 from .pipeline import prepare_memory
 from .profiles import PROFILES, Profile, get_profile
 from .retrofit import MemoryConfig, RetrofitError, load_memory, memory_layers, retrofit, save_memory

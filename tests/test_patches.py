@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from smf_lib.data import load_facts
-from smf_lib.patches import (PatchError, apply_patch, load_patch, lock_patch, make_patch, merge_patches, revert_patch,
-                             save_patch)
+from smf_lib.patches import (
+    PatchError,
+    apply_patch,
+    load_patch,
+    lock_patch,
+    make_patch,
+    merge_patches,
+    revert_patch,
+    save_patch,
+)
 from smf_lib.retrofit import memory_layers
 from smf_lib.training import TrainConfig, train
 
