@@ -67,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     seeds.add_argument("--seeds", type=_seeds, default=None, help="several seeds, e.g. 0,1,2: mean and spread")
     run.add_argument("--augment", type=int, default=None, metavar="N",
                      help="N wordings the model writes per fact, added to its training sentences")
-    run.add_argument("--mode", choices=["additive", "replace"], default=None,
-                     help="memory beside the MLPs (default) or in their place, healed first")
+    for command in (run, tune):
+        command.add_argument("--mode", choices=["additive", "replace"], default=None,
+                             help="memory beside the MLPs (default) or in their place, healed first")
     run.add_argument("--tuned", default=None, help="tuned settings (default data/tuned-<profile>.json)")
     tune.add_argument("--out", default=None, help="output file (default data/tuned-<profile>.json)")
     stream.add_argument("--methods", type=_methods, default=["smf_kl", "full_ft", "lora"],
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             from .report import format_report
             from .tuning import tuned_settings
 
-            hypers, tuning = tuned_settings(get_profile(profile), args.methods, args.tuned)
+            hypers, tuning = tuned_settings(get_profile(profile), args.methods, args.tuned, mode=args.mode)
             seeds = args.seeds or [args.seed or 0]
             summary = run_experiment(profile, hypers, args.facts, args.out, seeds, tuning, args.augment, args.mode)
             print(format_report(summary))
@@ -102,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             from .tuning import tune as tune_methods
             from .tuning import tuned_path
 
-            result = tune_methods(profile, args.methods, args.out)
+            result = tune_methods(profile, args.methods, args.out, mode=args.mode)
             print(format_tuning(result))
-            print(f"Tuned settings written to {args.out or tuned_path(get_profile(profile))}")
+            print(f"Tuned settings written to {args.out or tuned_path(get_profile(profile), args.mode)}")
         elif args.command == "stream":
             from .stream import format_stream, run_stream
 

@@ -7,7 +7,7 @@ A profile is a frozen value: change one with `dataclasses.replace` and pass it o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .healing import HealConfig
 from .models import QWEN, SMOLLM2, TINY, default_device
@@ -21,8 +21,8 @@ class RunSizes:
 
     `run` trains each method on the first `n_facts` test facts (None: all) until fact recall reaches
     `target_recall` or `max_steps` run out, evaluated every `eval_every` steps. `tune` tries every rate of
-    `lr_grid` on the first `tune_facts` tune facts within `tune_steps`. `None` for a text or known-fact count means
-    all.
+    `lr_grid` on the first `tune_facts` tune facts within `tune_steps` (a method's `replace_lr_grid` instead, in
+    replace mode). `None` for a text or known-fact count means all.
     """
 
     n_facts: int | None
@@ -36,6 +36,7 @@ class RunSizes:
     n_heldout: int | None = None
     n_known: int | None = None  # known facts scored (a smoke run's budget; reported runs use all)
     augment: int = 0  # wordings the model writes per fact, added to its training sentences (`run --augment N`)
+    replace_lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # rates tried in replace mode
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class Profile:
 LR_GRID = {"smf_kl": (1.0, 3.0, 10.0), "smf_tfidf": (1.0, 3.0, 10.0), "full_ft": (1e-5, 3e-5, 1e-4),
            "lora": (1e-4, 3e-4, 1e-3)}
 
+# In replace mode the memory's value rows hold the healed MLP's function, not zeros: a step the size of the
+# additive rates rewrites them (lr 3.0 took perplexity up a thousandfold, docs/RESULTS.md), so smaller ones.
+REPLACE_LR_GRID = {"smf_kl": (0.01, 0.03, 0.1, 0.3), "smf_tfidf": (0.01, 0.03, 0.1, 0.3)}
+
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(
         "tiny", TINY, MemoryConfig(layers=(1, 3), n_keys=16, topk=4, key_dim=32), TrainConfig(),
@@ -78,11 +83,13 @@ PROFILES: dict[str, Profile] = {
         NotebookSizes(48, 8, 12, 4), heal=HealConfig(steps=20, batch_tokens=256, written=8, written_tokens=16)),
     "cpu": Profile(
         "cpu", SMOLLM2, MemoryConfig(), TrainConfig(batch_size=16),
-        RunSizes(n_facts=None, max_steps=300, eval_every=30, tune_facts=48, tune_steps=150, lr_grid=LR_GRID),
+        RunSizes(n_facts=None, max_steps=300, eval_every=30, tune_facts=48, tune_steps=150, lr_grid=LR_GRID,
+                 replace_lr_grid=REPLACE_LR_GRID),
         NotebookSizes(300, 40, 60, 4)),
     "gpu": Profile(
         "gpu", QWEN, MemoryConfig(), TrainConfig(batch_size=16),
-        RunSizes(n_facts=None, max_steps=300, eval_every=25, tune_facts=105, tune_steps=300, lr_grid=LR_GRID),
+        RunSizes(n_facts=None, max_steps=300, eval_every=25, tune_facts=105, tune_steps=300, lr_grid=LR_GRID,
+                 replace_lr_grid=REPLACE_LR_GRID),
         NotebookSizes(600, 80, 240, 4)),
 }
 

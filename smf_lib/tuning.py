@@ -12,6 +12,7 @@ import itertools
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from .data import DATA_DIR
@@ -21,11 +22,12 @@ from .profiles import Profile, get_profile
 from .training import DEFAULT_LR, DENSE_METHODS
 
 
-def candidates(profile: Profile, method: str) -> list[dict]:
-    """The settings tried for a method: the profile's learning rates, and for the dense baselines also the loss on
-    the answer tokens only (it may forget less than the loss on every token)."""
+def candidates(profile: Profile, method: str, mode: str = "additive") -> list[dict]:
+    """The settings tried for a method: the profile's learning rates (for the memory's `mode`), and for the dense
+    baselines also the loss on the answer tokens only (it may forget less than the loss on every token)."""
     losses = ("all", "answer") if method in DENSE_METHODS else (profile.train.loss_on,)
-    rates = profile.run.lr_grid.get(method, (DEFAULT_LR[method],))
+    grid = {**profile.run.lr_grid, **(profile.run.replace_lr_grid if mode == "replace" else {})}
+    rates = grid.get(method, (DEFAULT_LR[method],))
     return [{"lr": lr, "loss_on": loss} for lr, loss in itertools.product(rates, losses)]
 
 
@@ -46,51 +48,60 @@ def choose(rows: Sequence[dict]) -> dict:
 
 
 def tune(profile: str | Profile | None = None, methods: Sequence[str] = DEFAULT_METHODS,
-         out: str | Path | bool | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Try every candidate of every method on the tune split; write the choices and the table they came from to
-    `out` (default `data/tuned-<profile>.json`; False: do not write) and return them."""
+         out: str | Path | bool | None = None, seed: int = 0, progress: bool = True, mode: str | None = None) -> dict:
+    """Try every candidate of every method on the tune split, with the memory in `mode` (default: the profile's;
+    replace mode heals it first); write the choices and the table they came from to `out` (default
+    `tuned_path(profile, mode)`; False: do not write) and return them."""
     profile = get_profile(profile)
-    setup = prepare(profile, split="tune", seed=seed, augment=profile.run.augment, progress=progress)
+    mode = mode or profile.memory.mode
+    setup = prepare(profile, split="tune", seed=seed, memory=replace(profile.memory, mode=mode),
+                    augment=profile.run.augment, progress=progress)
     target, rows = profile.run.target_recall, []
     for method in methods:
-        for hyper in candidates(profile, method):
+        for hyper in candidates(profile, method, mode):
             run = train_method(setup, method, hyper, max_steps=profile.run.tune_steps, seed=seed, progress=progress)
             rows.append(_row(method, hyper, run.checkpoints, run.steps, target))
             del run
     chosen = {m: choose([r for r in rows if r["method"] == m]) for m in methods}
     result = {"profile": profile.name, "date": datetime.date.today().isoformat(),
-              "command": f"python -m smf_lib tune --profile {profile.name} --methods {','.join(methods)}",
-              "target_recall": target, "tune_fact_ids": [f.id for f in setup.facts],
+              "command": f"python -m smf_lib tune --profile {profile.name} --methods {','.join(methods)}"
+                         + (" --mode replace" if mode == "replace" else ""),
+              "mode": mode, "target_recall": target, "tune_fact_ids": [f.id for f in setup.facts],
               "tune_known": len(setup.known), "max_steps": profile.run.tune_steps, "augment": profile.run.augment,
               "methods": {m: {k: r[k] for k in ("lr", "loss_on")} for m, r in chosen.items()}, "table": rows}
     if out is not False:
-        write_json(Path(out) if out else tuned_path(profile), result)
+        write_json(Path(out) if out else tuned_path(profile, mode), result)
     return result
 
 
-def tuned_path(profile: Profile) -> Path:
-    """Where a profile's tuned settings are kept: `data/tuned-<profile>.json`."""
-    return DATA_DIR / f"tuned-{profile.name}.json"
+def tuned_path(profile: Profile, mode: str | None = None) -> Path:
+    """Where a profile's tuned settings are kept: `data/tuned-<profile>.json`, `data/tuned-<profile>-replace.json`
+    for the memory in replace mode."""
+    suffix = "-replace" if (mode or profile.memory.mode) == "replace" else ""
+    return DATA_DIR / f"tuned-{profile.name}{suffix}.json"
 
 
 def tuned_settings(profile: Profile, methods: Sequence[str], path: str | Path | None = None,
-                   progress: bool = True) -> tuple[dict[str, dict], dict]:
-    """Each method's settings from the tuned file (or tuned now, in memory, for the methods it lacks), and where
-    they came from: `{"source", "tune_fact_ids", "tune_known"}`."""
-    path = Path(path) if path else tuned_path(profile)
+                   progress: bool = True, mode: str | None = None) -> tuple[dict[str, dict], dict]:
+    """Each method's settings from the tuned file for the memory's `mode` (or tuned now, in memory, for the methods
+    it lacks), and where they came from: `{"source", "tune_fact_ids", "tune_known"}`."""
+    mode = mode or profile.memory.mode
+    path = Path(path) if path else tuned_path(profile, mode)
     saved = json.loads(path.read_text()) if path.exists() else {"methods": {}}
-    if path.exists() and (saved.get("profile"), saved.get("target_recall")) != (profile.name,
-                                                                                 profile.run.target_recall):
-        raise ValueError(f"{path} holds settings tuned for profile {saved.get('profile')!r} at recall "
-                         f"{saved.get('target_recall')}, not {profile.name!r} at {profile.run.target_recall}: "
-                         f"run python -m smf_lib tune --profile {profile.name}.")
+    found = (saved.get("profile"), saved.get("target_recall"), saved.get("mode", "additive"))
+    if path.exists() and found != (profile.name, profile.run.target_recall, mode):
+        raise ValueError(f"{path} holds settings tuned for profile {found[0]!r} at recall {found[1]} in "
+                         f"{found[2]} mode, not {profile.name!r} at {profile.run.target_recall} in {mode} mode: "
+                         f"run python -m smf_lib tune --profile {profile.name}"
+                         + (" --mode replace." if mode == "replace" else "."))
     missing = [m for m in methods if m not in saved["methods"]]
     if not missing:
         info = {"source": str(path), **{k: saved.get(k) for k in ("tune_fact_ids", "tune_known")}}
         return {m: saved["methods"][m] for m in methods}, info
     print(f"No tuned settings for {', '.join(missing)} in {path}: tuning them first on the tune split "
-          f"(python -m smf_lib tune --profile {profile.name}).", file=sys.stderr)
-    tuned = tune(profile, missing, out=False, progress=progress)
+          f"(python -m smf_lib tune --profile {profile.name}{' --mode replace' if mode == 'replace' else ''}).",
+          file=sys.stderr)
+    tuned = tune(profile, missing, out=False, progress=progress, mode=mode)
     chosen = {**saved["methods"], **tuned["methods"]}
     source = "tuned in this run on the tune split" + (f" (the others from {path})" if len(missing) < len(methods)
                                                       else "")

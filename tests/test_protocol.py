@@ -6,6 +6,7 @@ import pytest
 from smf_lib import experiment, tuning
 from smf_lib.data import load_facts, load_known_facts
 from smf_lib.experiment import at_matched_recall
+from smf_lib.profiles import REPLACE_LR_GRID, get_profile
 from smf_lib.report import combine_seeds
 from smf_lib.tuning import choose
 
@@ -55,6 +56,20 @@ def test_tuning_never_sees_a_test_fact(monkeypatch, tmp_path):
     prompts = [p for p in seen if isinstance(p, str)]
     assert trained and prompts
     assert not test_text & set(trained + prompts) and not test_known & set(prompts)
+
+
+def test_replace_mode_is_tuned_apart_with_its_own_rates(tmp_path):
+    cpu = get_profile("cpu")
+    assert {c["lr"] for c in tuning.candidates(cpu, "smf_kl", "replace")} == set(REPLACE_LR_GRID["smf_kl"])
+    assert {c["lr"] for c in tuning.candidates(cpu, "smf_kl")} == set(cpu.run.lr_grid["smf_kl"])
+    assert tuning.tuned_path(cpu, "replace").name == "tuned-cpu-replace.json"
+    assert tuning.tuned_path(cpu).name == "tuned-cpu.json"
+    result = tuning.tune("tiny", ["smf_kl"], out=tmp_path / "replace.json", progress=False, mode="replace")
+    assert result["mode"] == "replace" and result["command"].endswith("--mode replace")
+    hypers, _ = tuning.tuned_settings(get_profile("tiny"), ["smf_kl"], tmp_path / "replace.json", mode="replace")
+    assert hypers["smf_kl"]["lr"] == result["methods"]["smf_kl"]["lr"]
+    with pytest.raises(ValueError, match="in replace mode, not 'tiny' at 0.9 in additive mode"):
+        tuning.tuned_settings(get_profile("tiny"), ["smf_kl"], tmp_path / "replace.json", mode="additive")
 
 
 def test_a_target_met_before_training_counts_at_step_zero():
