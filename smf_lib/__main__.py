@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="comma-separated: smf_kl, smf_tfidf, smf_random, full_ft, lora")
     stream.add_argument("--rounds", type=int, default=5, help="rounds the test facts arrive in (default 5)")
     stream.add_argument("--out", default=None, help="output folder (default results/stream-<profile>/)")
+    stream.add_argument("--share-rows", action="store_true",
+                        help="let a round rewrite earlier rounds' memory rows (default: each round's rows are locked)")
     bench.add_argument("--out", default=None, help="output file (default results/bench-<profile>.json)")
     return parser
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stream":
             from .stream import format_stream, run_stream
 
-            print(format_stream(run_stream(profile, args.methods, args.rounds, args.out)))
+            print(format_stream(run_stream(profile, args.methods, args.rounds, args.out, lock=not args.share_rows)))
             print(f"Results written to {args.out or f'results/stream-{profile}/'}")
         else:
             from .bench import format_table, run_bench

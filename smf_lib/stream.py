@@ -82,13 +82,15 @@ class MethodStream:
 
 def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hyper: dict,
                   patch_dir: str | Path | None = None, seed: int = 0, progress: bool = True,
-                  lock: bool = False) -> MethodStream:
+                  lock: bool = True) -> MethodStream:
     """Train `method` on each part in turn, each round from the previous round's model, and score after each.
 
     A round stops at the profile's target recall on its own facts, checked every third of the profile's
     checkpoint interval; everything else is measured once, after the round. Sparse methods save each round's
     patch (against the model before the round) into `patch_dir`, or into a temporary folder when it is None, only
-    to measure its size; with `lock` later rounds may not write a round's rows (`lock_patch`).
+    to measure its size. With `lock` later rounds may not write a round's rows (`lock_patch`): each round's
+    facts stay as learned and its patch reverts whole (without it, later rounds rewrote half of round 1's rows and
+    round 1 kept a third of its recall; docs/RESULTS.md).
     """
     sparse = method in SPARSE_METHODS
     eval_every = max(setup.profile.run.eval_every // 3, 1)  # checkpoints measure recall only: they can be frequent
@@ -174,11 +176,11 @@ def new_stream_summary(setup: Setup, parts: Sequence[Sequence[Fact]], seed: int,
 
 def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = STREAM_METHODS, rounds: int = 5,
                out: str | Path | None = None, hypers: dict[str, dict] | None = None, seed: int = 0,
-               progress: bool = True, lock: bool = False) -> dict:
+               progress: bool = True, lock: bool = True) -> dict:
     """Teach the test facts in `rounds` rounds with every method; write `out/summary.json`, `out/stream.png` and
     the sparse methods' patches (`out/patches/<method>/round-<i>.safetensors`) after every method; return the
-    summary. `hypers` (method -> TrainConfig fields) defaults to the profile's tuned settings; with `lock`, sparse
-    methods keep each round's rows out of later rounds' reach."""
+    summary. `hypers` (method -> TrainConfig fields) defaults to the profile's tuned settings; with `lock` (the
+    default), sparse methods keep each round's rows out of later rounds' reach."""
     profile = get_profile(profile)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:

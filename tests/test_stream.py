@@ -35,7 +35,7 @@ def streamed():
 
 def test_summary_holds_a_lower_triangular_retention_matrix(summary):
     out, s = summary
-    assert (s["rounds"], s["facts_per_round"], s["profile"]) == (2, 3, "tiny")
+    assert (s["rounds"], s["facts_per_round"], s["profile"], s["locked_rounds"]) == (2, 3, "tiny", True)
     assert set(s["methods"]) == set(HYPERS) and (out / "stream.png").stat().st_size > 0
     for entry in s["methods"].values():
         assert [len(row) for row in entry["retention"]] == [1, 2]  # after round j: rounds 0..j
@@ -79,12 +79,12 @@ def test_revert_restores_the_rounds_rows_and_leaves_the_others(streamed):
 
 
 def test_locked_rounds_write_disjoint_rows_and_revert_whole(streamed):
-    setup, parts, unlocked = streamed
+    setup, parts, stream = streamed  # rounds are locked by default
+    unlocked = stream_method(setup, parts, "smf_kl", HYPERS["smf_kl"], progress=False, lock=False)
     assert sum(len(r) for r in revert_round(copy.deepcopy(unlocked.model), unlocked.patches, 0)[1].values()) > 0
-    stream = stream_method(setup, parts, "smf_kl", HYPERS["smf_kl"], progress=False, lock=True)
     first, second = stream.patches
     assert all(not torch.isin(second.rows[i], first.rows[i]).any() for i in first.rows)
-    reverted, shared = revert_round(stream.model, stream.patches, 0)
+    reverted, shared = revert_round(copy.deepcopy(stream.model), stream.patches, 0)
     assert reverted.n_rows == first.n_rows and not any(len(r) for r in shared.values())
 
 
