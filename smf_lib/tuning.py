@@ -64,14 +64,19 @@ def tune(profile: str | Profile | None = None, methods: Sequence[str] = DEFAULT_
             del run
     chosen = {m: choose([r for r in rows if r["method"] == m]) for m in methods}
     result = {"profile": profile.name, "date": datetime.date.today().isoformat(),
-              "command": f"python -m smf_lib tune --profile {profile.name} --methods {','.join(methods)}"
-                         + (" --mode replace" if mode == "replace" else ""),
+              "command": tune_command(profile, mode, methods),
               "mode": mode, "target_recall": target, "tune_fact_ids": [f.id for f in setup.facts],
               "tune_known": len(setup.known), "max_steps": profile.run.tune_steps, "augment": profile.run.augment,
               "methods": {m: {k: r[k] for k in ("lr", "loss_on")} for m, r in chosen.items()}, "table": rows}
     if out is not False:
         write_json(Path(out) if out else tuned_path(profile, mode), result)
     return result
+
+
+def tune_command(profile: Profile, mode: str, methods: Sequence[str] = ()) -> str:
+    """The command that tunes this profile's settings (of `methods`, default all) for the memory in `mode`."""
+    return (f"python -m smf_lib tune --profile {profile.name}" + (f" --methods {','.join(methods)}" if methods else "")
+            + (" --mode replace" if mode == "replace" else ""))
 
 
 def tuned_path(profile: Profile, mode: str | None = None) -> Path:
@@ -92,15 +97,13 @@ def tuned_settings(profile: Profile, methods: Sequence[str], path: str | Path | 
     if path.exists() and found != (profile.name, profile.run.target_recall, mode):
         raise ValueError(f"{path} holds settings tuned for profile {found[0]!r} at recall {found[1]} in "
                          f"{found[2]} mode, not {profile.name!r} at {profile.run.target_recall} in {mode} mode: "
-                         f"run python -m smf_lib tune --profile {profile.name}"
-                         + (" --mode replace." if mode == "replace" else "."))
+                         f"run {tune_command(profile, mode)}.")
     missing = [m for m in methods if m not in saved["methods"]]
     if not missing:
         info = {"source": str(path), **{k: saved.get(k) for k in ("tune_fact_ids", "tune_known")}}
         return {m: saved["methods"][m] for m in methods}, info
     print(f"No tuned settings for {', '.join(missing)} in {path}: tuning them first on the tune split "
-          f"(python -m smf_lib tune --profile {profile.name}{' --mode replace' if mode == 'replace' else ''}).",
-          file=sys.stderr)
+          f"({tune_command(profile, mode)}).", file=sys.stderr)
     tuned = tune(profile, missing, out=False, progress=progress, mode=mode)
     chosen = {**saved["methods"], **tuned["methods"]}
     source = "tuned in this run on the tune split" + (f" (the others from {path})" if len(missing) < len(methods)
