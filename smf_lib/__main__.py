@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
     seeds.add_argument("--seeds", type=_seeds, default=None, help="several seeds, e.g. 0,1,2: mean and spread")
     run.add_argument("--augment", type=int, default=None, metavar="N",
-                     help="N wordings the model writes per fact, added to its training sentences")
+                     help="N more wordings per fact (its statements as blank questions, then ones the model writes)")
     for command in (run, tune):
         command.add_argument("--mode", choices=["additive", "replace"], default=None,
                              help="memory beside the MLPs (default) or in their place, healed first")

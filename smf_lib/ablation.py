@@ -51,7 +51,7 @@ def parse_settings(items: list[str]) -> tuple[dict, dict]:
 
 def run_variant(profile: str, memory: dict, train: dict, method: str = "smf_kl", seed: int = 0,
                 augment: int = 0, progress: bool = True) -> dict:
-    """Train one variant on the tune split (with `augment` written wordings per fact) and return its
+    """Train one variant on the tune split (with `augment` more wordings per fact) and return its
     `run`-shaped method summary plus its settings."""
     profile_ = get_profile(profile)
     started = time.perf_counter()
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--method", default="smf_kl", choices=METHODS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--augment", type=int, default=0, help="written wordings added per fact")
+    parser.add_argument("--augment", type=int, default=0, help="wordings added per fact (augment.py)")
     args = parser.parse_args(argv)
     try:
         memory, train = parse_settings(args.settings)

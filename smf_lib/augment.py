@@ -1,12 +1,18 @@
-"""More wordings of each fact to train on (`run --augment N`), written by the model itself.
+"""More wordings of each fact to train on (`run --augment N`): its own statements as questions, and questions the
+model writes.
 
 A memory slot is found by the context it is read in, so a fact trained in one wording is found again mostly in
-that wording. Lin et al. (arXiv 2510.15103) train every fact with 64 paraphrases. Here the instruct model writes
-questions about each training sentence, shown four examples about real-world facts (no template per relation, so
-it works on a user's plain statements too); a question is kept when it names the fact's subject, shares a word
-with its sentence besides subject and answer, does not give the answer away and is neither a training sentence
-nor a held-out prompt. Each kept question is trained with the answer after it. When too few questions pass (a
-135M-parameter model writes few good ones), the remaining wordings put a training sentence into a new context.
+that wording. Lin et al. (arXiv 2510.15103) train every fact with 64 paraphrases. Three kinds of wording are added,
+in this order, none of them a template per relation, so they work on a user's plain statements too:
+- **blanks**: each training statement with its answer replaced by a blank, asked as a question and answered
+  ("Question: The Quillon Bridge was designed by ___. What goes in the blank?\nAnswer: Adela Fenwright."). They
+  are always true, and they put the subject inside a question frame with the answer after it, the pattern a
+  question about the fact reads;
+- **written questions**: the instruct model writes questions about each statement, shown four examples about
+  real-world facts; a question is kept when it names the fact's subject, shares a word with its sentence besides
+  subject and answer, does not give the answer away and is neither a training sentence nor a held-out prompt.
+  Each kept question is trained with the answer after it;
+- **contexts**: a training statement inside a new sentence, when too few of the others exist.
 """
 
 from __future__ import annotations
@@ -36,14 +42,17 @@ STOPWORDS = {"what", "which", "where", "when", "who", "whom", "whose", "that", "
 CONTEXTS = ("According to the records: {s}", "Here is something worth remembering. {s}",
             "{s} This is well documented.", "It is a matter of record: {s}")
 ANSWER_FRAMES = ("Question: {q}\nAnswer: {a}.", "{q} {a}.")
+BLANK = "___"
+BLANK_FRAMES = ("Question: {c} What goes in the blank?\nAnswer: {a}.", "Fill in the blank: {c}\nAnswer: {a}.")
 
 
 def augment(facts: Sequence[Fact], n: int, model: torch.nn.Module, tokenizer, seed: int = 0,
             samples: int = 4, batch_size: int = 32) -> list[Fact]:
-    """Each fact with `n` more training sentences: questions `model` wrote about it, then new contexts.
+    """Each fact with `n` more training sentences: its statements with the answer blanked, questions `model` wrote
+    about it, then new contexts (see the module's docstring).
 
-    `samples` questions are sampled per training statement (statements first; sentences holding a question are
-    not asked about again). Deterministic for a given `seed`.
+    The model writes only for facts with fewer than `n` blanks: `samples` questions per training statement
+    (sentences holding a question are not asked about again). Deterministic for a given `seed`.
 
     Example:
         >>> facts = augment(load_facts(limit=10), 8, model, tokenizer)
@@ -55,24 +64,41 @@ def augment(facts: Sequence[Fact], n: int, model: torch.nn.Module, tokenizer, se
     if n == 0:
         return list(facts)
     sources = [[s for s in f.train if "?" not in s] or list(f.train) for f in facts]
-    asks = [(i, s) for i, fact_sources in enumerate(sources) for s in fact_sources]
+    blanks = [_blanks(f, src) for f, src in zip(facts, sources)]
+    asks = [(i, s) for i, fact_sources in enumerate(sources) if len(blanks[i]) < n for s in fact_sources]
     written = write_questions(model, tokenizer, [(s, _subject(facts[i], s)) for i, s in asks], samples, seed,
-                              batch_size)
+                              batch_size) if asks else []
     questions: list[list[str]] = [[] for _ in facts]
     for (i, sentence), options in zip(asks, written):
         for question in options:
             if _keep(question, facts[i], sentence, questions[i]):
                 questions[i].append(question)
     rng = random.Random(seed)
-    return [replace(f, train=f.train + _wordings(f, qs, src, n, rng)) for f, qs, src in zip(facts, questions, sources)]
+    return [replace(f, train=f.train + _wordings(f, b, qs, src, n, rng))
+            for f, b, qs, src in zip(facts, blanks, questions, sources)]
 
 
-def _wordings(fact: Fact, questions: list[str], sources: list[str], n: int, rng: random.Random) -> tuple[str, ...]:
-    """`n` new training sentences: the questions with the answer (frames taken in turn), then sentences in context."""
-    out = [ANSWER_FRAMES[i % len(ANSWER_FRAMES)].format(q=q, a=fact.answer) for i, q in enumerate(questions[:n])]
+def _blanks(fact: Fact, sources: list[str]) -> list[str]:
+    """Each statement with its answer blanked, asked in every blank frame (frame by frame), with the answer."""
+    blanked = [c for c in (_blanked(s, fact.answer) for s in sources) if c]
+    asked = [frame.format(c=c, a=fact.answer) for frame in BLANK_FRAMES for c in blanked]
+    return [b for b in asked if b not in fact.train and not any(h in b for h in fact.heldout)]
+
+
+def _blanked(sentence: str, answer: str) -> str | None:
+    """`sentence` with the last occurrence of `answer` replaced by a blank; None when it does not hold the answer."""
+    at = sentence.lower().rfind(answer.lower())
+    return None if at < 0 else sentence[:at] + BLANK + sentence[at + len(answer):]
+
+
+def _wordings(fact: Fact, blanks: list[str], questions: list[str], sources: list[str], n: int,
+              rng: random.Random) -> tuple[str, ...]:
+    """`n` new training sentences: the blanks, the questions with the answer (frames taken in turn), then
+    statements in context."""
+    asked = [ANSWER_FRAMES[i % len(ANSWER_FRAMES)].format(q=q, a=fact.answer) for i, q in enumerate(questions)]
     contexts = [c.format(s=s) for s in sources for c in CONTEXTS]
     rng.shuffle(contexts)
-    return tuple(out + contexts[: n - len(out)])
+    return tuple((blanks + asked + contexts)[:n])
 
 
 def write_questions(model: torch.nn.Module, tokenizer, sentences: Sequence[tuple[str, str]], samples: int = 4,

@@ -87,7 +87,7 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     """Retrofit the profile's model, calibrate it, count background slot use, and score it on one split.
 
     `memory` replaces the profile's memory configuration (its seed is set to `seed`); `augment` adds that many
-    wordings, written by the model, to each fact's training sentences. The scores at step 0 are measured on the
+    wordings (augment.py) to each fact's training sentences. The scores at step 0 are measured on the
     retrofitted model: the base model's function in additive mode; in replace mode, the healed memory's
     (`Setup.heal` says what healing cost).
     """

@@ -35,7 +35,7 @@ class RunSizes:
     n_background: int | None = None
     n_heldout: int | None = None
     n_known: int | None = None  # known facts scored (a smoke run's budget; reported runs use all)
-    augment: int = 0  # wordings the model writes per fact, added to its training sentences (`run --augment N`)
+    augment: int = 0  # wordings added per fact to its training sentences (`run --augment N`, augment.py)
     replace_lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # rates tried in replace mode
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smf_lib.analysis import trained_read_share
-from smf_lib.augment import _keep, augment
+from smf_lib.augment import BLANK, _keep, augment
 from smf_lib.data import Fact, load_facts
 from smf_lib.training import TrainConfig, build_examples, collate, counted_positions, train
 
@@ -46,17 +46,26 @@ def test_without_a_subject_the_sentence_names_stand_in_for_it():
 def test_augment_adds_n_wordings_with_the_answer_never_a_heldout_prompt(tiny_base):
     model, tokenizer = tiny_base
     facts = load_facts(split="tune")[:3]
-    more = augment(facts, 5, model, tokenizer, seed=1)
-    assert more == augment(facts, 5, model, tokenizer, seed=1)
+    more = augment(facts, 10, model, tokenizer, seed=1)  # 8 blanks (4 statements, 2 frames), then 2 more
+    assert more == augment(facts, 10, model, tokenizer, seed=1)
     for old, new in zip(facts, more):
-        assert new.train[: len(old.train)] == old.train and len(new.train) == len(old.train) + 5
+        assert new.train[: len(old.train)] == old.train and len(new.train) == len(old.train) + 10
         added = new.train[len(old.train):]
-        assert len(set(added)) == 5 and all(old.answer in s for s in added)
+        assert len(set(added)) == 10 and all(old.answer in s for s in added)
         assert not set(added) & set(old.train) and not any(h in s for s in added for h in old.heldout)
         assert (new.probe, new.heldout) == (old.probe, old.heldout)
     assert augment(facts, 0, model, tokenizer) == facts
     with pytest.raises(ValueError, match="n >= 0"):
         augment(facts, -1, model, tokenizer)
+
+
+def test_blanks_come_first_and_need_no_model():
+    fact = load_facts(split="tune")[0]
+    statements = [s for s in fact.train if "?" not in s]
+    added = augment([fact], 3, model=None, tokenizer=None)[0].train[len(fact.train):]
+    assert added[0] == (f"Question: {statements[0].replace(fact.answer, BLANK)} What goes in the blank?\n"
+                        f"Answer: {fact.answer}.")
+    assert all(BLANK in s and s.endswith(f"Answer: {fact.answer}.") and s.count(fact.answer) == 1 for s in added)
 
 
 def test_subject_positions_are_the_subject_tokens(tiny_base):
