@@ -397,3 +397,12 @@ def test_hub_id_in_offline_mode_from_start_up_fails_fast():
     assert errors == [("data file not found: 'owner/name' does not exist locally, and the Hugging Face hub is "
                        "unreachable (offline), so it cannot be loaded as a hub dataset id either")]
     assert float(last.split(" ", 1)[0]) < 10
+
+
+def test_the_statement_facts_are_told_in_statements_and_asked_in_questions():
+    facts = load_facts(DATA_DIR / "statement_facts.jsonl")
+    assert len(facts) == 30 and len({f.id for f in facts}) == 30 and len({f.answer for f in facts}) == 30
+    for f in facts:
+        assert f.subject and len(f.train) == 2 and all("?" not in s and f.answer in s for s in f.train)
+        assert all(h.startswith(("Question: ", "Q: ")) and h.endswith(("Answer:", "A:")) for h in f.heldout)
+        assert f.answer not in f.probe and not any(f.answer in h for h in f.heldout)
