@@ -46,13 +46,14 @@ BLANK = "___"
 BLANK_FRAMES = ("Question: {c} What goes in the blank?\nAnswer: {a}.", "Fill in the blank: {c}\nAnswer: {a}.")
 
 
-def augment(facts: Sequence[Fact], n: int, model: torch.nn.Module, tokenizer, seed: int = 0,
+def augment(facts: Sequence[Fact], n: int, model: torch.nn.Module | None, tokenizer, seed: int = 0,
             samples: int = 4, batch_size: int = 32) -> list[Fact]:
     """Each fact with `n` more training sentences: its statements with the answer blanked, questions `model` wrote
     about it, then new contexts (see the module's docstring).
 
-    The model writes only for facts with fewer than `n` blanks: `samples` questions per training statement
-    (sentences holding a question are not asked about again). Deterministic for a given `seed`.
+    The model writes only for facts with fewer than `n` blanks (`model` and `tokenizer` may be None when none has):
+    `samples` questions per training statement (sentences holding a question are not asked about again).
+    Deterministic for a given `seed`.
 
     Example:
         >>> facts = augment(load_facts(limit=10), 8, model, tokenizer)
@@ -66,6 +67,9 @@ def augment(facts: Sequence[Fact], n: int, model: torch.nn.Module, tokenizer, se
     sources = [[s for s in f.train if "?" not in s] or list(f.train) for f in facts]
     blanks = [_blanks(f, src) for f, src in zip(facts, sources)]
     asks = [(i, s) for i, fact_sources in enumerate(sources) if len(blanks[i]) < n for s in fact_sources]
+    if asks and model is None:
+        raise ValueError(f"{n} wordings per fact need questions written by a model for {len(asks)} statements; "
+                         "pass the model and its tokenizer, or ask for as many wordings as there are blanks.")
     written = write_questions(model, tokenizer, [(s, _subject(facts[i], s)) for i, s in asks], samples, seed,
                               batch_size) if asks else []
     questions: list[list[str]] = [[] for _ in facts]

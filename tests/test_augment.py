@@ -66,6 +66,8 @@ def test_blanks_come_first_and_need_no_model():
     assert added[0] == (f"Question: {statements[0].replace(fact.answer, BLANK)} What goes in the blank?\n"
                         f"Answer: {fact.answer}.")
     assert all(BLANK in s and s.endswith(f"Answer: {fact.answer}.") and s.count(fact.answer) == 1 for s in added)
+    with pytest.raises(ValueError, match="pass the model"):
+        augment([fact], 9, model=None, tokenizer=None)  # 8 blanks: the ninth wording needs a model
 
 
 def test_subject_positions_are_the_subject_tokens(tiny_base):
