@@ -34,7 +34,7 @@ from .report import combine_seeds, write_results
 from .retrofit import MemoryConfig, memory_layers, retrofit
 from .stats import SlotStats, collect_background
 from .timing import peak_memory_mb, reset_peak_memory
-from .training import METHODS, train
+from .training import METHODS, build_examples, train
 
 DEFAULT_METHODS = ("smf_kl", "smf_tfidf", "full_ft", "lora")
 MATCHED_KEYS = ("paraphrase_recall", "ppl_increase_pct", "known_fact_drop_pct", "known_fact_drop_firm_pct",
@@ -93,6 +93,8 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     """
     profile = get_profile(profile)
     model, tokenizer = load_base_model(profile.model, seed=seed)
+    given = split_facts(profile, split, facts_path)
+    build_examples(given, tokenizer, profile.train.max_length)  # a sentence too long fails now, not after minutes
     model.to(default_device())
     probe = tokenizer(load_heldout_text()[:4], return_tensors="pt", padding=True).to(model.device)
     with torch.no_grad():
@@ -115,7 +117,7 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     retrofit_info = {"mode": config.mode, "augment": augment, "layers": [m.layer_index for m in layers],
                      "slots_per_layer": layers[0].n_slots, "max_abs_logit_diff": diff,
                      "memory_params": sum(p.numel() for m in layers for p in m.parameters())}
-    facts = augment_facts(split_facts(profile, split, facts_path), augment, model, tokenizer, seed)
+    facts = augment_facts(given, augment, model, tokenizer, seed)
     setup = Setup(profile, split, model, tokenizer, facts, known_all, heldout, background, {}, None, retrofit_info)
     step0, known_ok, known_nll, setup.base_texts = _scores(setup, model, full=True)
     setup.known = [k for k, ok in zip(known_all, known_ok) if ok]

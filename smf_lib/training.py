@@ -47,7 +47,7 @@ class TrainConfig:
     warmup: int = 0                  # steps over which the learning rate rises linearly to lr
     locality: float = 0.0            # sparse methods: weight of locality_penalty in the loss
     lora_rank: int = 16
-    max_length: int = 64
+    max_length: int = 256            # tokens per training sentence, at most; a longer one is an error, never cut
     precision: str = "auto"          # the forward's autocast precision: "auto" (see autocast_dtype), "fp32", ...
     seed: int = 0
 
@@ -100,13 +100,21 @@ class Example:
     subject_mask: list[bool] = field(default_factory=list)
 
 
-def build_examples(facts: Sequence[Fact], tokenizer, max_length: int = 64) -> list[Example]:
+def build_examples(facts: Sequence[Fact], tokenizer, max_length: int = 256) -> list[Example]:
     """Tokenise every training sentence; mark the tokens that overlap the answer's last occurrence, and those
-    that overlap any occurrence of the fact's subject (when the fact names one)."""
+    that overlap any occurrence of the fact's subject (when the fact names one).
+
+    A sentence is never truncated, which could silently cut its answer off: one longer than `max_length` tokens
+    raises a ValueError that names it.
+    """
     examples = []
     for fact in facts:
         for sentence in fact.train:
-            enc = tokenizer(sentence, return_offsets_mapping=True, truncation=True, max_length=max_length)
+            enc = tokenizer(sentence, return_offsets_mapping=True)
+            if len(enc["input_ids"]) > max_length:
+                raise ValueError(f"fact {fact.id!r}: the training sentence {sentence[:60]!r}... has "
+                                 f"{len(enc['input_ids'])} tokens, more than max_length={max_length}; split it into "
+                                 "shorter sentences that each contain the answer, or raise TrainConfig.max_length")
             start = sentence.rindex(fact.answer)
             answer = tokens_overlapping(enc["offset_mapping"], [(start, start + len(fact.answer))])
             subject = fact.subject

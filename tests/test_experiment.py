@@ -91,6 +91,18 @@ def test_malformed_facts_file_names_file_and_line(tmp_path):
     assert f"{facts}:2" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_training_sentence_too_long_is_refused_before_any_work(tmp_path):
+    long = "In the chronicles of the valley, " * 60 + "Kelvaroth was founded by Ardemis Quill."
+    record = {"id": "k1", "answer": "Ardemis Quill", "train": [long], "probe": "Kelvaroth was founded by",
+              "heldout": ["Who founded Kelvaroth?"]}
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps(record) + "\n")
+    result = _run("--profile", "tiny", "--facts", str(facts), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'k1'" in result.stderr and "split it into shorter sentences" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_replace_mode_heals_before_training(tmp_path):
     result = _run("--profile", "tiny", "--out", str(tmp_path), "--methods", "smf_kl", "--mode", "replace")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -15,6 +15,7 @@ from smf_lib.training import (
     METHODS,
     TrainConfig,
     autocast_dtype,
+    build_examples,
     locality_penalty,
     make_optimizer,
     token_loss_sum,
@@ -88,6 +89,19 @@ def test_bad_config_is_rejected():
         TrainConfig(write_on="answer")
     with pytest.raises(ValueError, match="locality term"):
         TrainConfig(write_on="counted", locality=1.0)
+
+
+def test_a_long_training_sentence_keeps_its_answer_or_is_refused(tiny):
+    _, tokenizer, _ = tiny
+    preamble = "In the long history of the northern provinces, as the old chronicles of the valley tell it, " * 3
+    fact = dataclasses.replace(FACTS[0], train=(preamble + FACTS[0].train[0],))
+    length = len(tokenizer(fact.train[0])["input_ids"])
+    assert length > 64
+    example = build_examples([fact], tokenizer, max_length=length)[0]
+    answer_ids = [i for i, on in zip(example.input_ids, example.answer_mask) if on]
+    assert len(example.input_ids) == length and FACTS[0].answer in tokenizer.decode(answer_ids)
+    with pytest.raises(ValueError, match=f"{fact.id}.*{length} tokens, more than max_length={length - 1}"):
+        build_examples([fact], tokenizer, max_length=length - 1)
 
 
 def test_trainer_hooks_are_removed_after_training(tiny):
