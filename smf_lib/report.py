@@ -29,13 +29,17 @@ FINAL = [("fact_recall", "fact recall", "{:.2f}"), ("paraphrase_recall", "paraph
 
 
 def combine_seeds(runs: Sequence[dict]) -> dict:
-    """One summary from runs on several seeds: each figure the mean over seeds, the runs under `per_seed`."""
+    """One summary from runs on several seeds: each figure the mean over seeds, the runs under `per_seed` (each
+    with its `seed`); in replace mode every seed heals its own memory, so `heal` is their mean, each under its
+    `per_seed` too."""
     summary = {**runs[0], "seeds": [r["seed"] for r in runs]}
     if len(runs) == 1:
         return {**summary, "methods": {m: {**v, "per_seed": []} for m, v in summary["methods"].items()}}
+    if heals := [r["heal"] for r in runs if r.get("heal")]:
+        summary["heal"] = {**_mean(heals), "per_seed": [{"seed": r["seed"], **r["heal"]} for r in runs]}
     summary["methods"] = {}
     for method in runs[0]["methods"]:
-        per_seed = [r["methods"][method] for r in runs if method in r["methods"]]
+        per_seed = [{"seed": r["seed"], **r["methods"][method]} for r in runs if method in r["methods"]]
         matched = [m["at_matched_recall"] for m in per_seed if m["at_matched_recall"]]
         summary["methods"][method] = {
             **_mean([{k: v for k, v in m.items() if not k.endswith("_ci95")} for m in per_seed]),
@@ -85,13 +89,16 @@ def _interval(m: dict, key: str) -> str:
 def _seed_cell(run: dict) -> str:
     where = run.get("at_matched_recall") or run
     mark = "" if run.get("at_matched_recall") else " (target not reached)"
-    return f"{where['known_fact_drop_pct']:.1f}, {where['ppl_increase_pct']:+.2f}{mark}"
+    seed = f"seed {run['seed']}: " if "seed" in run else ""
+    return f"{seed}{where['known_fact_drop_pct']:.1f}, {where['ppl_increase_pct']:+.2f}{mark}"
 
 
 def _heal_lines(heal: dict | None) -> list[str]:
     if not heal:
         return []
-    return [f"The MLPs were replaced and the memory healed ({heal['steps']} steps, {heal['seconds'] / 60:.1f} min): "
+    seeds = f", mean of {len(heal['per_seed'])} seeds" if heal.get("per_seed") else ""
+    return [f"The MLPs were replaced and the memory healed ({heal['steps']:.0f} steps, {heal['seconds'] / 60:.1f} min"
+            f"{seeds}): "
             f"held-out perplexity {heal['ppl_base']:.2f} for the base model, {heal['ppl_before']:.2f} with the MLPs "
             f"replaced, {heal['ppl_after']:.2f} healed; known facts answered {heal['known_fact_acc_base']:.1%} by "
             f"the base model, {heal['known_fact_acc_after']:.1%} healed.", ""]

@@ -3,7 +3,7 @@ fact, and the choice rule every method shares."""
 
 import pytest
 
-from smf_lib import experiment, tuning
+from smf_lib import experiment, report, tuning
 from smf_lib.data import load_facts, load_known_facts
 from smf_lib.experiment import at_matched_recall
 from smf_lib.profiles import REPLACE_LR_GRID, get_profile
@@ -39,6 +39,17 @@ def test_seeds_are_averaged_and_kept():
     combined = combine_seeds(runs)["methods"]["smf_kl"]
     assert combined["fact_recall"] == pytest.approx(0.9) and combined["fact_recall_std"] > 0
     assert combined["at_matched_recall"]["step"] == pytest.approx(15) and len(combined["per_seed"]) == 2
+    assert [run["seed"] for run in combined["per_seed"]] == [0, 1]
+
+
+def test_each_seed_heals_its_own_memory_and_the_summary_keeps_every_one():
+    heal = {"steps": 1000, "seconds": 60.0, "ppl_base": 27.0, "ppl_before": 42.0, "known_fact_acc_base": 0.4,
+            "known_fact_acc_after": 0.3, "error_after": {"22": 0.1}}
+    runs = [{"seed": s, "heal": {**heal, "ppl_after": ppl}, "methods": {}} for s, ppl in [(1, 34.0), (2, 36.0)]]
+    combined = combine_seeds(runs)["heal"]
+    assert combined["ppl_after"] == pytest.approx(35.0) and combined["error_after"] == {"22": pytest.approx(0.1)}
+    assert [(h["seed"], h["ppl_after"]) for h in combined["per_seed"]] == [(1, 34.0), (2, 36.0)]
+    assert "healed (1000 steps, 1.0 min, mean of 2 seeds)" in report._heal_lines(combined)[0]
 
 
 def test_tuning_never_sees_a_test_fact(monkeypatch, tmp_path):
