@@ -42,7 +42,7 @@ def combine_seeds(runs: Sequence[dict]) -> dict:
         per_seed = [{"seed": r["seed"], **r["methods"][method]} for r in runs if method in r["methods"]]
         matched = [m["at_matched_recall"] for m in per_seed if m["at_matched_recall"]]
         summary["methods"][method] = {
-            **_mean([{k: v for k, v in m.items() if not k.endswith("_ci95")} for m in per_seed]),
+            **_mean([{k: v for k, v in m.items() if not k.endswith("_ci95") and k != "seed"} for m in per_seed]),
             "at_matched_recall": {k: v for k, v in _mean(matched).items() if not k.endswith("_std")} if matched
             else None, "seeds_reaching_target": len(matched), "target_reached": len(matched) == len(per_seed),
             "per_seed": per_seed}
