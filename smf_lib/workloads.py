@@ -78,6 +78,8 @@ def long_facts(tokenizer, texts: Sequence[str], n: int = 2 * BATCH, seq_len: int
     facts = []
     for i, passages in enumerate(_chunks(tokenizer, texts, n, seq_len)):
         chunk = " ".join(passages)
+        offsets = tokenizer(chunk, return_offsets_mapping=True, truncation=True, max_length=seq_len)["offset_mapping"]
+        chunk = chunk[: offsets[-1][1]]  # its first seq_len tokens: training never truncates a sentence
         facts.append(Fact(f"bench{i:03d}", _answer_word(tokenizer, chunk, seq_len), (chunk,), passages[0],
                           (passages[0],)))
     return facts
