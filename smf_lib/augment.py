@@ -159,3 +159,18 @@ def _names(text: str, answer: str) -> set[str]:
 def _subject(fact: Fact, sentence: str) -> str:
     """What the sentence is about: the fact's subject (given or guessed from its probe), else the sentence."""
     return fact.subject or sentence
+
+
+def told_of_others(fact: Fact, sentence: str, facts: Sequence[Fact]) -> list[str]:
+    """`sentence` with the fact's subject replaced by each other fact's subject: sentences in which the answer is
+    now false, for training the model not to give it (`TrainConfig.negatives`).
+
+    Only sentences that name the subject before the answer qualify (elsewhere the answer is read before the
+    subject); facts with the same subject or answer, or a subject holding the answer, are not used.
+    """
+    subject, answer = fact.subject, fact.answer
+    at = sentence.find(subject) if subject else -1
+    if at < 0 or at > sentence.rfind(answer):
+        return []
+    others = {f.subject for f in facts if f.subject and f.subject != subject and f.answer != answer}
+    return [sentence.replace(subject, other) for other in sorted(others) if answer not in other]

@@ -14,6 +14,7 @@ import torch
 
 from .analysis import parameter_changes
 from .augment import augment as augment_facts
+from .batches import build_examples
 from .data import Fact, KnownFact, load_background, load_facts, load_heldout_text, load_known_facts
 from .evaluation import (
     TextScores,
@@ -34,7 +35,7 @@ from .report import combine_seeds, write_results
 from .retrofit import MemoryConfig, memory_layers, retrofit
 from .stats import SlotStats, collect_background
 from .timing import peak_memory_mb, reset_peak_memory
-from .training import METHODS, build_examples, train
+from .training import METHODS, train
 
 DEFAULT_METHODS = ("smf_kl", "smf_tfidf", "full_ft", "lora")
 MATCHED_KEYS = ("paraphrase_recall", "ppl_increase_pct", "known_fact_drop_pct", "known_fact_drop_firm_pct",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .analysis import Before, parameters_by_name
+from .batches import build_examples, collate, counted_positions
 from .data import Fact
 from .memory import SlotAccess
 from .models import pad_id
@@ -18,7 +19,7 @@ from .plots import token_labels
 from .retrofit import memory_layers
 from .selection import kl_scores, select_top, token_surprise
 from .stats import SlotStats, access_counts, recording, slot_counts
-from .training import SCORE_OF, TrainConfig, build_examples, collate, counted_positions
+from .training import SCORE_OF, TrainConfig
 
 TOP_T = TrainConfig().top_t
 SCORE_NAMES = {"smf_kl": "KL", "smf_tfidf": "TF-IDF"}  # the methods whose selection is a function of the batch alone

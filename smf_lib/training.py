@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,17 +11,18 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from .augment import told_of_others
+from .batches import COUNT_POSITIONS, Example, answer_tokens, build_examples, collate, counted_positions, negative_rows
 from .data import Fact
 from .losses import next_token_losses, predicting
 from .models import default_device, pad_id
 from .optim import RULES, WRITE_ON, SparseMemoryOptimizer
 from .retrofit import memory_layers
-from .stats import BACKGROUND_POSITIONS, SlotStats, recording, tokens_overlapping
+from .stats import BACKGROUND_POSITIONS, SlotStats, recording
 
 SPARSE_METHODS = ("smf_kl", "smf_tfidf", "smf_random")
 DENSE_METHODS = ("full_ft", "lora")
 METHODS = SPARSE_METHODS + DENSE_METHODS
-COUNT_POSITIONS = ("answer", "subject", "entities", "entity_ends", "both", "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOCALITY_TOKENS = 1024  # background tokens sampled per step for the locality term
 DEFAULT_LR = {"smf_kl": 3.0, "smf_tfidf": 3.0, "smf_random": 3.0, "full_ft": 3e-5, "lora": 3e-4}
@@ -46,6 +46,7 @@ class TrainConfig:
     background_on: str = "all"       # where the background's slot use was counted: stats.BACKGROUND_POSITIONS
     warmup: int = 0                  # steps over which the learning rate rises linearly to lr
     locality: float = 0.0            # sparse methods: weight of locality_penalty in the loss
+    negatives: float = 0.0           # weight of the unlikelihood of the answer in sentences about other subjects
     lora_rank: int = 16
     max_length: int = 256            # tokens per training sentence, at most; a longer one is an error, never cut
     precision: str = "auto"          # the forward's autocast precision: "auto" (see autocast_dtype), "fp32", ...
@@ -69,6 +70,8 @@ class TrainConfig:
                              f"got {self.background_on!r}.")
         if self.loss_floor < 0:
             raise ValueError(f"loss_floor must be a loss in nats >= 0, got {self.loss_floor}.")
+        if self.negatives < 0:
+            raise ValueError(f"negatives must be a loss weight >= 0, got {self.negatives}.")
         if self.warmup < 0:
             raise ValueError(f"warmup must be a number of steps >= 0, got {self.warmup}.")
         if self.precision not in PRECISIONS:
@@ -91,82 +94,26 @@ class History:
     params_trained: int = 0
 
 
-@dataclass
-class Example:
-    """One tokenised training sentence with the masks of its answer tokens and of its subject's tokens."""
-
-    input_ids: list[int]
-    answer_mask: list[bool]
-    subject_mask: list[bool] = field(default_factory=list)
-
-
-def build_examples(facts: Sequence[Fact], tokenizer, max_length: int = 256) -> list[Example]:
-    """Tokenise every training sentence; mark the tokens that overlap the answer's last occurrence, and those
-    that overlap any occurrence of the fact's subject (when the fact names one).
-
-    A sentence is never truncated, which could silently cut its answer off: one longer than `max_length` tokens
-    raises a ValueError that names it.
-    """
-    examples = []
-    for fact in facts:
-        for sentence in fact.train:
-            enc = tokenizer(sentence, return_offsets_mapping=True)
-            if len(enc["input_ids"]) > max_length:
-                raise ValueError(f"fact {fact.id!r}: the training sentence {sentence[:60]!r}... has "
-                                 f"{len(enc['input_ids'])} tokens, more than max_length={max_length}; split it into "
-                                 "shorter sentences that each contain the answer, or raise TrainConfig.max_length")
-            start = sentence.rindex(fact.answer)
-            answer = tokens_overlapping(enc["offset_mapping"], [(start, start + len(fact.answer))])
-            subject = fact.subject
-            spans = [(m.start(), m.end()) for m in re.finditer(re.escape(subject), sentence)] if subject else []
-            examples.append(Example(enc["input_ids"], answer, tokens_overlapping(enc["offset_mapping"], spans)))
-    return examples
-
-
-def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: token ids, the attention mask and the masks of answer and subject tokens, on `device`."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids, dtype=torch.bool)
-    answer, subject = torch.zeros_like(attention), torch.zeros_like(attention)
-    for row, e in enumerate(examples):
-        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        attention[row, : len(e.input_ids)] = True
-        answer[row, : len(e.answer_mask)] = torch.tensor(e.answer_mask)
-        subject[row, : len(e.subject_mask)] = torch.tensor(e.subject_mask, dtype=torch.bool)
-    return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "answer": answer.to(device),
-            "subject": subject.to(device)}
-
-
-def counted_positions(batch: dict[str, torch.Tensor], count_on: str) -> torch.Tensor:
-    """The positions whose slot reads are counted: those predicting an answer token, the subject's tokens (where
-    factual recall is looked up, Meng et al. 2022, arXiv 2202.05262; a sentence that does not name the subject
-    counts at its answer instead), the "entities" (the subject and the answer's own tokens that predict its next
-    one, so that no row is keyed on the words before the answer), "entity_ends" (the same with only the last token
-    of each mention of the subject, where the whole name has been read), both, or every real token."""
-    if count_on == "all":
-        return batch["attention_mask"]
-    answer, subject = predicting(batch["answer"]), batch["subject"]
-    subject = subject | (answer & ~subject.any(dim=1, keepdim=True))  # a sentence without its subject: the answer
-    inside = answer & batch["answer"]  # within the answer: "Grathine" predicting "Pomirnard"
-    ends = subject & ~predicting(subject)  # a subject token whose next token is not the subject's
-    return {"answer": answer, "subject": subject, "entities": subject | inside, "entity_ends": ends | inside,
-            "both": answer | subject}[count_on]
-
-
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_on: str,
-                   floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token loss over the trained tokens, and how many tokens that is.
+                   floor: float = 0.0, negatives: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss over the trained tokens of the positive sentences, and how many tokens that is.
 
     A token already predicted with a loss below `floor` gives no gradient (the clamp's): training stops pushing what
-    it has learned, so the weights move no further than learning needs.
+    it has learned, so the weights move no further than learning needs. In a negative sentence only the answer's
+    first token counts, with the unlikelihood loss -log(1 - p) (Welleck et al. 2019, arXiv 1908.04319) weighted by
+    `negatives`: another subject must not be given this answer.
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    trained = predicting(batch["answer"] if loss_on == "answer" else batch["attention_mask"])
+    negative = negative_rows(batch)
+    trained = predicting(batch["answer"] if loss_on == "answer" else batch["attention_mask"]) & ~negative
     losses = next_token_losses(logits, batch["input_ids"])
+    first = batch["answer"].clone()
+    first[:, 1:] &= ~batch["answer"][:, :-1]
+    starts = predicting(first) & negative
+    unlikely = -torch.log1p(-torch.exp(-losses[starts].float()).clamp(max=1 - 1e-6)).sum()
     if floor:
         losses = losses.clamp_min(floor)
-    return (losses * trained).sum(), trained.sum()
+    return (losses * trained).sum() + negatives * unlikely, trained.sum()
 
 
 SCORE_OF = {"smf_kl": "kl", "smf_tfidf": "tfidf", "smf_random": "random"}
@@ -267,7 +214,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     if dtype == torch.float16 and scaler is None:
         raise ValueError("An fp16 training step needs a loss scaler: pass grad_scaler(config, device).")
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        loss_sum, n_local = token_loss_sum(model, batch, config.loss_on, config.loss_floor)
+        loss_sum, n_local = token_loss_sum(model, batch, config.loss_on, config.loss_floor, config.negatives)
         n_tokens = accelerator.reduce(n_local.float(), "sum")
         loss = loss_sum * accelerator.num_processes / n_tokens.clamp_min(1)
         if config.locality and isinstance(optimizer, SparseMemoryOptimizer):
@@ -285,7 +232,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
 
 
 class Batches:
-    """An endless stream of shuffled training batches (each sentence once per pass), this process's share each."""
+    """An endless stream of shuffled training batches (each sentence once per pass), this process's share each.
+
+    With `config.negatives`, each sentence that names its subject before the answer brings a negative twin: the
+    same sentence about another fact's subject, drawn afresh each time (`augment.told_of_others`).
+    """
 
     def __init__(self, facts: Sequence[Fact], tokenizer, config: TrainConfig, accelerator: Accelerator) -> None:
         self.examples = build_examples(facts, tokenizer, config.max_length)
@@ -293,6 +244,9 @@ class Batches:
             raise ValueError("No training sentences: give at least one fact with a `train` sentence.")
         self.order, self.pool, self.size = random.Random(config.seed), [], config.batch_size
         self.pad_id, self.accelerator = pad_id(tokenizer), accelerator
+        self.sentences = [(f, s) for f in facts for s in f.train] if config.negatives else []
+        self.facts, self.tokenizer, self.max_length = facts, tokenizer, config.max_length
+        self.draw = random.Random(config.seed + 1)  # its own, so that the positive batches stay as without negatives
 
     def next(self) -> dict[str, torch.Tensor]:
         """The next batch, collated on the accelerator's device."""
@@ -301,8 +255,19 @@ class Batches:
             self.order.shuffle(fresh)
             self.pool += fresh
         ids, self.pool = self.pool[: self.size], self.pool[self.size:]
+        chosen = [self.examples[i] for i in ids] + [twin for i in ids if (twin := self._twin(i))]
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        return collate([self.examples[i] for i in ids[rank::world]], self.pad_id, self.accelerator.device)
+        return collate(chosen[rank::world], self.pad_id, self.accelerator.device)
+
+    def _twin(self, i: int) -> Example | None:
+        """A negative example for sentence `i`: the sentence about another subject, or None when there is none."""
+        if not self.sentences or not (others := told_of_others(*self.sentences[i], self.facts)):
+            return None
+        sentence = self.draw.choice(others)
+        enc = self.tokenizer(sentence, return_offsets_mapping=True)
+        if len(enc["input_ids"]) > self.max_length:
+            return None
+        return Example(enc["input_ids"], answer_tokens(enc, sentence, self.sentences[i][0].answer), negative=True)
 
 
 def train(

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .analysis import Before, changed_rows, row_moves
+from .batches import Example, build_examples, collate
 from .data import Fact, KnownFact
 from .evaluation import complete, contains_answer
 from .memory import READ_THRESHOLD, SlotAccess
@@ -22,7 +23,7 @@ from .reads import SCORE_NAMES, forward_reads, parameters_of, score_batch
 from .retrofit import memory_layers
 from .selection import background_distribution, token_surprise
 from .stats import SlotStats
-from .training import Example, TrainConfig, build_examples, collate
+from .training import TrainConfig
 
 DEFAULT_BATCH_FACTS = 4
 

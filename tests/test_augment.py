@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from smf_lib.analysis import trained_read_share
-from smf_lib.augment import BLANK, _keep, augment
+from smf_lib.augment import BLANK, _keep, augment, told_of_others
+from smf_lib.batches import build_examples, collate, counted_positions
 from smf_lib.data import Fact, load_facts
-from smf_lib.training import TrainConfig, build_examples, collate, counted_positions, train
+from smf_lib.training import TrainConfig, train
 
 FACT = Fact("x1", "Quellport", ("The capital of Zorvania is Quellport.",), "The capital of Zorvania is",
             ("Question: Which city is the capital of Zorvania?\nAnswer:",), {"subject": "Zorvania"})
@@ -118,3 +119,14 @@ def test_trained_read_share_is_zero_before_training_and_positive_after(tiny_read
 ])
 def test_a_subject_is_guessed_from_the_probe_when_the_file_has_none(prompt, subject):
     assert Fact("x", "a", ("a",), prompt, ()).subject == subject
+
+
+def test_a_sentence_told_of_other_subjects_keeps_its_answer_and_skips_true_ones():
+    others = [Fact("x2", "Brenholt", ("The capital of Ostmark is Brenholt.",), "The capital of Ostmark is", ()),
+              Fact("x3", "Quellport", ("Quellport lies in Varnland.",), "Quellport lies in", (),
+                   {"subject": "Varnland"}),  # the same answer: the swapped sentence would be true
+              Fact("x4", "Tarn", ("Zorvania's river is the Tarn.",), "Zorvania's river is", (),
+                   {"subject": "Zorvania"})]  # the same subject
+    assert told_of_others(FACT, FACT.train[0], [FACT, *others]) == ["The capital of Ostmark is Quellport."]
+    assert told_of_others(FACT, "Quellport is the capital of Zorvania.", [FACT, *others]) == []  # answer first
+    assert told_of_others(FACT, FACT.train[0], [FACT]) == []

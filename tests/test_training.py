@@ -6,16 +6,18 @@ import dataclasses
 
 import pytest
 import torch
+from accelerate import Accelerator
 
+from smf_lib.batches import Example, answer_tokens, build_examples, collate, counted_positions
 from smf_lib.data import load_facts
 from smf_lib.losses import next_token_losses
 from smf_lib.retrofit import memory_layers
 from smf_lib.stats import recording
 from smf_lib.training import (
     METHODS,
+    Batches,
     TrainConfig,
     autocast_dtype,
-    build_examples,
     locality_penalty,
     make_optimizer,
     token_loss_sum,
@@ -225,3 +227,70 @@ def test_train_keeps_the_tables_gradient_factored_in_one_process(tiny):
     _, optimizer, _ = make_optimizer(copy.deepcopy(model), TrainConfig(), background)
     assert optimizer.factored
     optimizer.detach()
+
+
+def _negative_pair(tokenizer):
+    """A collated batch: a training sentence, then the same sentence about another subject, marked negative."""
+    positive, told = "The capital of Zorvania is Quellport.", "The capital of Ostmark is Quellport."
+    [example] = build_examples([dataclasses.replace(FACTS[0], answer="Quellport", train=(positive,),
+                                                    extra={"subject": "Zorvania"})], tokenizer)
+    enc = tokenizer(told, return_offsets_mapping=True)
+    negative = Example(enc["input_ids"], answer_tokens(enc, told, "Quellport"), negative=True)
+    return collate([example, negative], 0, torch.device("cpu")), len(example.input_ids)
+
+
+def test_a_negative_sentence_adds_the_unlikelihood_of_its_answer_and_counts_no_slot(tiny):
+    """A negative sentence gives no next-token loss and no counted position; its answer's first token adds
+    -log(1 - p), weighted by `negatives`."""
+    model, tokenizer, _ = tiny
+    batch, length = _negative_pair(tokenizer)
+    negative_only = {key: value[1:] for key, value in batch.items()}
+    with torch.no_grad():
+        losses = next_token_losses(model(input_ids=batch["input_ids"]).logits, batch["input_ids"])
+        plain, n = token_loss_sum(model, batch, "all")
+        unlikely, none = token_loss_sum(model, negative_only, "all", negatives=2.0)
+    assert n == length - 1 and plain.item() == pytest.approx(float(losses[0, : length - 1].sum()), rel=1e-5)
+    first = batch["answer"][1].nonzero()[0].item()  # the answer's first token in the negative sentence
+    p = torch.exp(-losses[1, first - 1])
+    assert none == 0 and unlikely.item() == pytest.approx(-2.0 * float(torch.log1p(-p)), rel=1e-3)
+    for count_on in ("entities", "answer", "all"):
+        assert counted_positions(batch, count_on)[0].any() and not counted_positions(batch, count_on)[1].any()
+    with pytest.raises(ValueError, match="negatives must be a loss weight"):
+        TrainConfig(negatives=-1.0)
+
+
+def test_negatives_add_a_twin_about_another_subject_and_keep_the_batches(tiny):
+    _, tokenizer, _ = tiny
+    accelerator = Accelerator(cpu=True)
+    plain = Batches(FACTS, tokenizer, TrainConfig(batch_size=4), accelerator).next()
+    twinned = Batches(FACTS, tokenizer, TrainConfig(batch_size=4, negatives=1.0), accelerator).next()
+    assert not plain["negative"].any() and not twinned["negative"][:4].any() and twinned["negative"][4:].all()
+    width = plain["input_ids"].shape[1]
+    assert torch.equal(twinned["input_ids"][:4, :width], plain["input_ids"])  # the same positive sentences
+    for row in twinned["input_ids"][4:]:
+        text = tokenizer.decode(row[row != 0])
+        fact = next(f for f in FACTS if f.answer in text)
+        assert fact.subject not in text and any(f.subject in text for f in FACTS if f is not fact)
+
+
+def test_training_with_negatives_lowers_the_answer_for_other_subjects(tiny):
+    """The point of negatives: after the same training, the answer is less likely after another subject, and as
+    likely after its own."""
+    model, tokenizer, _ = tiny
+    batch, _ = _negative_pair(tokenizer)  # the trained sentence, and the same about the other fact's subject
+    facts = [dataclasses.replace(FACTS[0], answer="Quellport", train=("The capital of Zorvania is Quellport.",),
+                                 extra={"subject": "Zorvania"}),
+             dataclasses.replace(FACTS[1], answer="Brenholt", train=("The capital of Ostmark is Brenholt.",),
+                                 extra={"subject": "Ostmark"})]
+
+    def answer_probabilities(**config) -> torch.Tensor:
+        trained, _ = train(copy.deepcopy(model), tokenizer, facts, TrainConfig(method="full_ft", steps=40,
+                           batch_size=2, lr=3e-3, **config), progress=False)
+        with torch.no_grad():
+            losses = next_token_losses(trained(input_ids=batch["input_ids"]).logits, batch["input_ids"])
+        first = [row.nonzero()[0].item() - 1 for row in batch["answer"]]  # the positions predicting "Quellport"
+        return torch.exp(-losses[[0, 1], first])
+
+    plain, contrasted = answer_probabilities(), answer_probabilities(negatives=4.0)
+    assert plain[0] > 0.3 and contrasted[0] > 0.9 * plain[0]  # its own subject: learned either way
+    assert contrasted[1] < 0.5 * plain[1]  # "The capital of Ostmark is" -> "Quellport"

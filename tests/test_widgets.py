@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from smf_lib.analysis import changed_rows, snapshot
+from smf_lib.batches import build_examples, collate, counted_positions
 from smf_lib.data import load_facts, load_known_facts
 from smf_lib.evaluation import complete
 from smf_lib.models import pad_id
@@ -19,7 +20,7 @@ from smf_lib.reads import parameters_of
 from smf_lib.retrofit import memory_layers
 from smf_lib.selection import kl_scores
 from smf_lib.stats import recording
-from smf_lib.training import TrainConfig, build_examples, collate, counted_positions, make_optimizer, train, train_step
+from smf_lib.training import TrainConfig, make_optimizer, train, train_step
 from smf_lib.widgets import SlotInspector
 
 TOL = 1e-6  # reads this close to the threshold may fall either side of it, between a batch and a lone forward
