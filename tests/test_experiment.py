@@ -6,12 +6,13 @@ import dataclasses
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 from smf_lib.analysis import layer_attribution, snapshot
-from smf_lib.data import load_facts
+from smf_lib.data import DATA_DIR, load_facts
 from smf_lib.experiment import evaluate, prepare, run_experiment
 from smf_lib.models import QWEN_STANDIN, load_base_model
 from smf_lib.profiles import get_profile
@@ -101,6 +102,17 @@ def test_a_training_sentence_too_long_is_refused_before_any_work(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "'k1'" in result.stderr and "split it into shorter sentences" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_facts_given_as_statements_only_warn_until_augmented(tmp_path):
+    facts = tmp_path / "statements.jsonl"
+    two = (DATA_DIR / "statement_facts.jsonl").read_text().splitlines()[:2]
+    facts.write_text("".join(line + "\n" for line in two))
+    with pytest.warns(UserWarning, match="Every training sentence is a statement.*--augment"):
+        prepare("tiny", "test", facts, progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Every training sentence")
+        assert len(prepare("tiny", "test", facts, augment=4, progress=False).facts[0].train) == 6
 
 
 def test_replace_mode_heals_before_training(tmp_path):
