@@ -99,8 +99,8 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     build_examples(given, tokenizer, profile.train.max_length)  # a sentence too long fails now, not after minutes
     if not augment and not any("?" in s for f in given for s in f.train):
         warnings.warn("Every training sentence is a statement: trained on statements alone, the memory answers "
-                      "almost no question about them (0.00 of held-out questions on 30 such facts, 0.50 with "
-                      "--augment 16; docs/RESULTS.md). Add wordings with --augment N.", stacklevel=2)
+                      "almost no question about them (0.00 of held-out questions on 30 such facts, 0.43 with "
+                      "--augment 8; docs/RESULTS.md). Add wordings with --augment N.", stacklevel=2)
     model.to(default_device())
     probe = tokenizer(load_heldout_text()[:4], return_tensors="pt", padding=True).to(model.device)
     with torch.no_grad():
