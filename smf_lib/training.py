@@ -203,9 +203,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                config: TrainConfig, accelerator: Accelerator, scaler: torch.amp.GradScaler | None = None) -> float:
     """One training step on a collated batch (this process's share of it); returns the batch's mean token loss.
 
-    The loss is the mean over the whole batch across processes; DDP averages gradients, so the local sum is
-    scaled by the number of processes. The forward runs under autocast as `autocast_dtype` says; `scaler` scales
-    the loss of an fp16 step.
+    The loss is the mean over the whole batch across processes (the negatives' unlikelihood, if any, is added
+    before dividing by the positive tokens); DDP averages gradients, so the local sum is scaled by the number of
+    processes. The forward runs under autocast as `autocast_dtype` says; `scaler` scales the loss of an fp16 step.
     """
     if isinstance(optimizer, SparseMemoryOptimizer):
         optimizer.count_at(counted_positions(batch, config.count_on))
