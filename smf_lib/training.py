@@ -107,13 +107,17 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_
     negative = negative_rows(batch)
     trained = predicting(batch["answer"] if loss_on == "answer" else batch["attention_mask"]) & ~negative
     losses = next_token_losses(logits, batch["input_ids"])
-    first = batch["answer"].clone()
-    first[:, 1:] &= ~batch["answer"][:, :-1]
-    starts = predicting(first) & negative
-    unlikely = -torch.log1p(-torch.exp(-losses[starts].float()).clamp(max=1 - 1e-6)).sum()
+    unlikely = _unlikelihood(losses, batch["answer"], negative) if negatives else 0.0
     if floor:
         losses = losses.clamp_min(floor)
     return (losses * trained).sum() + negatives * unlikely, trained.sum()
+
+
+def _unlikelihood(losses: torch.Tensor, answer: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Summed -log(1 - p) of each negative sentence's first answer token, from the positions' next-token losses."""
+    first = answer.clone()
+    first[:, 1:] &= ~answer[:, :-1]
+    return -torch.log1p(-torch.exp(-losses[predicting(first) & negative].float()).clamp(max=1 - 1e-6)).sum()
 
 
 SCORE_OF = {"smf_kl": "kl", "smf_tfidf": "tfidf", "smf_random": "random"}
