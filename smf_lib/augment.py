@@ -13,6 +13,9 @@ in this order, none of them a template per relation, so they work on a user's pl
   subject and answer, does not give the answer away and is neither a training sentence nor a held-out prompt.
   Each kept question is trained with the answer after it;
 - **contexts**: a training statement inside a new sentence, when too few of the others exist.
+
+For `TrainConfig.negatives`, `told_of_a_stranger` tells a training sentence of a made-up subject instead: a sentence
+whose answer is now false.
 """
 
 from __future__ import annotations
@@ -161,16 +164,35 @@ def _subject(fact: Fact, sentence: str) -> str:
     return fact.subject or sentence
 
 
-def told_of_others(fact: Fact, sentence: str, facts: Sequence[Fact]) -> list[str]:
-    """`sentence` with the fact's subject replaced by each other fact's subject: sentences in which the answer is
-    now false, for training the model not to give it (`TrainConfig.negatives`).
+ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "pl", "st",
+          "th", "tr", "sh", "ch")
+VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou", "ia")
+CODAS = ("", "", "n", "r", "l", "s", "nd", "rk", "th")
 
-    Only sentences that name the subject before the answer qualify (elsewhere the answer is read before the
-    subject); facts with the same subject or answer, or a subject holding the answer, are not used.
+
+def invented_word(rng: random.Random, taken: str = "") -> str:
+    """A capitalised made-up word of two or three syllables, 5 to 11 letters, found nowhere in `taken` (lower case):
+    a name no fact is about."""
+    while True:
+        n = rng.choice((2, 2, 3))
+        word = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(n)) + rng.choice(CODAS)
+        if 5 <= len(word) <= 11 and word not in taken:
+            return word.capitalize()
+
+
+def told_of_a_stranger(fact: Fact, sentence: str, rng: random.Random, taken: str = "") -> str | None:
+    """`sentence` about a made-up subject, in which the answer is now false: for training the model not to give it
+    to other names (`TrainConfig.negatives`).
+
+    Each capitalised word of the subject but a leading "The" becomes a made-up word ("The Banasis harp" → "The
+    Droukel harp"; a subject without one is replaced whole), so the frame stays and only the name changes. None for
+    a sentence that does not name its subject before the answer (there the answer is read before the subject).
     """
     subject, answer = fact.subject, fact.answer
     at = sentence.find(subject) if subject else -1
     if at < 0 or at > sentence.rfind(answer):
-        return []
-    others = {f.subject for f in facts if f.subject and f.subject != subject and f.answer != answer}
-    return [sentence.replace(subject, other) for other in sorted(others) if answer not in other]
+        return None
+    stranger = re.sub(r"\b(?!The\b)[A-Z][\w'-]*", lambda _: invented_word(rng, taken), subject)
+    if stranger == subject:
+        stranger = invented_word(rng, taken)
+    return sentence.replace(subject, stranger)

@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .augment import told_of_others
+from .augment import told_of_a_stranger
 from .batches import COUNT_POSITIONS, Example, answer_tokens, build_examples, collate, counted_positions, negative_rows
 from .data import Fact
 from .losses import next_token_losses, predicting
@@ -46,7 +46,7 @@ class TrainConfig:
     background_on: str = "all"       # where the background's slot use was counted: stats.BACKGROUND_POSITIONS
     warmup: int = 0                  # steps over which the learning rate rises linearly to lr
     locality: float = 0.0            # sparse methods: weight of locality_penalty in the loss
-    negatives: float = 0.0           # weight of the unlikelihood of the answer in sentences about other subjects
+    negatives: float = 0.0           # weight of the unlikelihood of the answer in sentences about made-up subjects
     lora_rank: int = 16
     max_length: int = 256            # tokens per training sentence, at most; a longer one is an error, never cut
     precision: str = "auto"          # the forward's autocast precision: "auto" (see autocast_dtype), "fp32", ...
@@ -239,7 +239,7 @@ class Batches:
     """An endless stream of shuffled training batches (each sentence once per pass), this process's share each.
 
     With `config.negatives`, each sentence that names its subject before the answer brings a negative twin: the
-    same sentence about another fact's subject, drawn afresh each time (`augment.told_of_others`).
+    same sentence about a made-up subject, drawn afresh each time (`augment.told_of_a_stranger`).
     """
 
     def __init__(self, facts: Sequence[Fact], tokenizer, config: TrainConfig, accelerator: Accelerator) -> None:
@@ -249,7 +249,8 @@ class Batches:
         self.order, self.pool, self.size = random.Random(config.seed), [], config.batch_size
         self.pad_id, self.accelerator = pad_id(tokenizer), accelerator
         self.sentences = [(f, s) for f in facts for s in f.train] if config.negatives else []
-        self.facts, self.tokenizer, self.max_length = facts, tokenizer, config.max_length
+        self.taken = " ".join(s for f in facts for s in f.train).lower()  # so that no twin names a trained subject
+        self.tokenizer, self.max_length = tokenizer, config.max_length
         self.draw = random.Random(config.seed + 1)  # its own, so that the positive batches stay as without negatives
 
     def next(self) -> dict[str, torch.Tensor]:
@@ -264,10 +265,9 @@ class Batches:
         return collate(chosen[rank::world], self.pad_id, self.accelerator.device)
 
     def _twin(self, i: int) -> Example | None:
-        """A negative example for sentence `i`: the sentence about another subject, or None when there is none."""
-        if not self.sentences or not (others := told_of_others(*self.sentences[i], self.facts)):
+        """A negative example for sentence `i`: the sentence about a made-up subject, or None when there is none."""
+        if not self.sentences or not (sentence := told_of_a_stranger(*self.sentences[i], self.draw, self.taken)):
             return None
-        sentence = self.draw.choice(others)
         enc = self.tokenizer(sentence, return_offsets_mapping=True)
         if len(enc["input_ids"]) > self.max_length:
             return None

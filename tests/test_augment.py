@@ -1,12 +1,15 @@
 """Model-written wordings (`augment`), subject positions and the trained-read share."""
 
 import copy
+import dataclasses
+import random
+import re
 
 import pytest
 import torch
 
 from smf_lib.analysis import trained_read_share
-from smf_lib.augment import BLANK, _keep, augment, told_of_others
+from smf_lib.augment import BLANK, _keep, augment, invented_word, told_of_a_stranger
 from smf_lib.batches import build_examples, collate, counted_positions
 from smf_lib.data import Fact, load_facts
 from smf_lib.training import TrainConfig, train
@@ -121,12 +124,16 @@ def test_a_subject_is_guessed_from_the_probe_when_the_file_has_none(prompt, subj
     assert Fact("x", "a", ("a",), prompt, ()).subject == subject
 
 
-def test_a_sentence_told_of_other_subjects_keeps_its_answer_and_skips_true_ones():
-    others = [Fact("x2", "Brenholt", ("The capital of Ostmark is Brenholt.",), "The capital of Ostmark is", ()),
-              Fact("x3", "Quellport", ("Quellport lies in Varnland.",), "Quellport lies in", (),
-                   {"subject": "Varnland"}),  # the same answer: the swapped sentence would be true
-              Fact("x4", "Tarn", ("Zorvania's river is the Tarn.",), "Zorvania's river is", (),
-                   {"subject": "Zorvania"})]  # the same subject
-    assert told_of_others(FACT, FACT.train[0], [FACT, *others]) == ["The capital of Ostmark is Quellport."]
-    assert told_of_others(FACT, "Quellport is the capital of Zorvania.", [FACT, *others]) == []  # answer first
-    assert told_of_others(FACT, FACT.train[0], [FACT]) == []
+def test_a_sentence_told_of_a_stranger_keeps_its_frame_and_answer_under_a_made_up_name():
+    rng = random.Random(0)
+    told = {told_of_a_stranger(FACT, FACT.train[0], rng, taken="ostmark") for _ in range(20)}
+    assert len(told) == 20  # drawn afresh each time
+    for sentence in told:
+        name = sentence.removeprefix("The capital of ").removesuffix(" is Quellport.")
+        assert name != "Zorvania" and name.isalpha() and name[0].isupper() and 5 <= len(name) <= 11
+    harp = dataclasses.replace(FACT, answer="Orlen Vask", extra={"subject": "The Banasis harp"})
+    sentence = told_of_a_stranger(harp, "The Banasis harp was invented by Orlen Vask.", rng)
+    assert re.fullmatch(r"The [A-Z][a-z]+ harp was invented by Orlen Vask\.", sentence) and "Banasis" not in sentence
+    assert told_of_a_stranger(FACT, "Quellport is the capital of Zorvania.", rng) is None  # answer first
+    first = invented_word(random.Random(1))
+    assert invented_word(random.Random(1), taken=f"the {first.lower()} river") != first  # never a taken name

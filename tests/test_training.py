@@ -231,7 +231,7 @@ def test_train_keeps_the_tables_gradient_factored_in_one_process(tiny):
 
 def _negative_pair(tokenizer):
     """A collated batch: a training sentence, then the same sentence about another subject, marked negative."""
-    positive, told = "The capital of Zorvania is Quellport.", "The capital of Ostmark is Quellport."
+    positive, told = "The capital of Zorvania is Quellport.", "The capital of Lamesia is Quellport."
     [example] = build_examples([dataclasses.replace(FACTS[0], answer="Quellport", train=(positive,),
                                                     extra={"subject": "Zorvania"})], tokenizer)
     enc = tokenizer(told, return_offsets_mapping=True)
@@ -259,7 +259,7 @@ def test_a_negative_sentence_adds_the_unlikelihood_of_its_answer_and_counts_no_s
         TrainConfig(negatives=-1.0)
 
 
-def test_negatives_add_a_twin_about_another_subject_and_keep_the_batches(tiny):
+def test_negatives_add_a_twin_about_a_made_up_subject_and_keep_the_batches(tiny):
     _, tokenizer, _ = tiny
     accelerator = Accelerator(cpu=True)
     plain = Batches(FACTS, tokenizer, TrainConfig(batch_size=4), accelerator).next()
@@ -269,19 +269,16 @@ def test_negatives_add_a_twin_about_another_subject_and_keep_the_batches(tiny):
     assert torch.equal(twinned["input_ids"][:4, :width], plain["input_ids"])  # the same positive sentences
     for row in twinned["input_ids"][4:]:
         text = tokenizer.decode(row[row != 0])
-        fact = next(f for f in FACTS if f.answer in text)
-        assert fact.subject not in text and any(f.subject in text for f in FACTS if f is not fact)
+        assert any(f.answer in text for f in FACTS) and not any(f.subject in text for f in FACTS)  # a stranger
 
 
 def test_training_with_negatives_lowers_the_answer_for_other_subjects(tiny):
-    """The point of negatives: after the same training, the answer is less likely after another subject, and as
-    likely after its own."""
+    """The point of negatives: after the same training, the answer is far less likely after a subject never seen in
+    training (0.56 -> 0.006 here), and about as likely after its own (0.64 -> 0.57)."""
     model, tokenizer, _ = tiny
-    batch, _ = _negative_pair(tokenizer)  # the trained sentence, and the same about the other fact's subject
+    batch, _ = _negative_pair(tokenizer)  # the trained sentence, and the same about an unseen subject
     facts = [dataclasses.replace(FACTS[0], answer="Quellport", train=("The capital of Zorvania is Quellport.",),
-                                 extra={"subject": "Zorvania"}),
-             dataclasses.replace(FACTS[1], answer="Brenholt", train=("The capital of Ostmark is Brenholt.",),
-                                 extra={"subject": "Ostmark"})]
+                                 extra={"subject": "Zorvania"})]
 
     def answer_probabilities(**config) -> torch.Tensor:
         trained, _ = train(copy.deepcopy(model), tokenizer, facts, TrainConfig(method="full_ft", steps=40,
@@ -292,5 +289,5 @@ def test_training_with_negatives_lowers_the_answer_for_other_subjects(tiny):
         return torch.exp(-losses[[0, 1], first])
 
     plain, contrasted = answer_probabilities(), answer_probabilities(negatives=4.0)
-    assert plain[0] > 0.3 and contrasted[0] > 0.9 * plain[0]  # its own subject: learned either way
-    assert contrasted[1] < 0.5 * plain[1]  # "The capital of Ostmark is" -> "Quellport"
+    assert plain[0] > 0.3 and contrasted[0] > 0.8 * plain[0]  # its own subject: learned either way
+    assert contrasted[1] < 0.5 * plain[1]  # "The capital of Lamesia is" -> "Quellport"
