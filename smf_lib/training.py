@@ -249,7 +249,7 @@ class Batches:
         self.order, self.pool, self.size = random.Random(config.seed), [], config.batch_size
         self.pad_id, self.accelerator = pad_id(tokenizer), accelerator
         self.sentences = [(f, s) for f in facts for s in f.train] if config.negatives else []
-        self.taken = " ".join(s for f in facts for s in f.train).lower()  # so that no twin names a trained subject
+        self.taken = " ".join(s for _, s in self.sentences).lower()  # so that no twin names a trained subject
         self.tokenizer, self.max_length = tokenizer, config.max_length
         self.draw = random.Random(config.seed + 1)  # its own, so that the positive batches stay as without negatives
 
