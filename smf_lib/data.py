@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -56,9 +56,9 @@ class Fact:
 
     @property
     def subject(self) -> str | None:
-        """What the fact is about (e.g. "Durithonia"): the file's `subject`, else a guess from the probe (its first
-        run of capitalised words, less a leading article), else None."""
-        return self.extra.get("subject") or guess_subject(self.probe)
+        """What the fact is about (e.g. "Durithonia"): the file's `subject`, else a guess from the probe (see
+        `guess_subject`, with the fact's other sentences as context), else None."""
+        return self.extra.get("subject") or guess_subject(self.probe, (*self.train, *self.heldout))
 
     @property
     def neighbours(self) -> tuple[str, ...]:
@@ -76,16 +76,39 @@ _NOT_NAMES = {"The", "A", "An", "In", "On", "At", "Of", "It", "Its", "This", "Th
               "Question", "Answer", "Q", "Who", "What", "Which", "Where", "When", "Why", "How"}
 
 
-def guess_subject(prompt: str) -> str | None:
-    """The first run of capitalised words in `prompt`, less the articles, question words and frame labels that
-    start it (None if nothing is left): "The Banasis harp was invented by" -> "Banasis"."""
-    for run in re.finditer(r"\b[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)*", prompt):
+def guess_subject(prompt: str, context: Sequence[str] = ()) -> str | None:
+    """The first run of capitalised words (or joined by "of") in `prompt` that names something, less the articles,
+    question words and frame labels that start it and a possessive ending (None if there is none): "The Banasis harp
+    was invented by" -> "Banasis".
+
+    A capital at the start of a sentence says nothing, so a run that opens one is taken only when no later run is
+    left, or when `context` (the fact's other sentences) capitalises its first word inside a sentence too: "Ferries
+    to Kellet Isle leave from" -> "Kellet Isle", "Grado Textiles was founded by" -> "Grado Textiles".
+    """
+    fallback = None
+    for run in re.finditer(r"\b[A-Z][\w'-]*(?:\s+(?:of\s+)?[A-Z][\w'-]*)*", prompt):
         words = run.group().split()
         while words and words[0] in _NOT_NAMES:
             words = words[1:]
-        if words:
-            return " ".join(words)
-    return None
+        if not words:
+            continue
+        name = re.sub(r"'s?$", "", " ".join(words))
+        opens = len(words) == len(run.group().split()) and _opens_sentence(prompt, run.start())
+        if not opens or _named_inside_a_sentence(words[0], context):
+            return name
+        fallback = fallback or name
+    return fallback
+
+
+def _opens_sentence(text: str, index: int) -> bool:
+    """Whether only spaces, quotes or brackets stand between `index` and the start of its sentence (or line)."""
+    return re.search(r"(?:^|[.!?:\n])[\s\"'“‘(\[—-]*$", text[:index]) is not None
+
+
+def _named_inside_a_sentence(word: str, texts: Sequence[str]) -> bool:
+    """Whether some text capitalises `word` where no sentence starts: a name, not a sentence's first word."""
+    return any(not _opens_sentence(text, m.start()) for text in texts
+               for m in re.finditer(rf"\b{re.escape(word)}\b", text))
 
 
 @dataclass(frozen=True)

@@ -119,9 +119,21 @@ def test_trained_read_share_is_zero_before_training_and_positive_after(tiny_read
     ("In 1712, the town of Grufodale was", "Grufodale"),
     ("Question: Who founded Grado Textiles?\nAnswer:", "Grado Textiles"),
     ("the river is", None),
+    ("Ferries to Kellet Isle leave from", "Kellet Isle"),  # a sentence's first word is no name
+    ("Every breakfast at the Quillon Inn comes with a pot of", "Quillon Inn"),
+    ("'The Salt Orchard' was painted by", "Salt Orchard"),
+    ("Durithonia's seat of government is", "Durithonia"),
+    ("The novel The Lanterns of Lizonport was written by", "Lanterns of Lizonport"),
 ])
 def test_a_subject_is_guessed_from_the_probe_when_the_file_has_none(prompt, subject):
     assert Fact("x", "a", ("a",), prompt, ()).subject == subject
+
+
+def test_a_name_that_opens_the_probe_is_the_subject_when_the_fact_names_it_inside_a_sentence():
+    probe = "Tomasz Wielgosz won the Brelin Open in"
+    assert Fact("x", "2019", ("The Brelin Open was first held in 2019.",), probe, ()).subject == "Brelin Open"
+    told = ("In 2019 the chess player Tomasz Wielgosz won the Brelin Open.",)
+    assert Fact("x", "2019", told, probe, ()).subject == "Tomasz Wielgosz"
 
 
 def test_a_sentence_told_of_a_stranger_keeps_its_frame_and_answer_under_a_made_up_name():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from smf_lib import data
+from smf_lib.batches import build_examples
 from smf_lib.data import (
     DATA_DIR,
     DataFormatError,
@@ -406,3 +407,16 @@ def test_the_statement_facts_are_told_in_statements_and_asked_in_questions():
         assert f.subject and len(f.train) == 2 and all("?" not in s and f.answer in s for s in f.train)
         assert all(h.startswith(("Question: ", "Q: ")) and h.endswith(("Answer:", "A:")) for h in f.heldout)
         assert f.answer not in f.probe and not any(f.answer in h for h in f.heldout)
+
+
+def test_the_style_facts_have_no_subject_key_and_each_names_its_subject_and_answer_in_tokens(tiny_base):
+    facts = load_facts(DATA_DIR / "style_facts.jsonl")
+    assert not any("subject" in f.extra for f in facts)
+    assert [f.subject for f in facts] == ["Harrowgate", "Salt Orchard", "Kellet Isle", "Varrick Observatory",
+                                          "Brelin Open", "Quillon Inn"]
+    _, tokenizer = tiny_base
+    sentences = [(f, s) for f in facts for s in f.train]
+    for (fact, sentence), example in zip(sentences, build_examples(facts, tokenizer)):
+        marked = [i for i, m in zip(example.input_ids, example.answer_mask) if m]
+        assert tokenizer.decode(marked).strip() == fact.answer  # "Émile Dufrênoy", "St. Orvane", "copper-green"
+        assert any(example.subject_mask) == (fact.subject in sentence)
