@@ -126,6 +126,9 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
     zero-filling and scattering every table. Gradient clipping and fp16 loss scaling then do not see the tables, so
     it is off by default: a `Trainer` clips gradients and may scale the loss. Across processes it is always off.
     With `write_on="counted"` a selected row learns only from its reads at the counted positions (factored only).
+    With `gate_lr > 0` the memory layers' output gates (dense, `dim x value_dim` each) train too, with Adam at that
+    rate: beside a locality term they learn where the memory should speak (docs/RESULTS.md); a patch of the value
+    rows then no longer fits the reference memory, whose gates differ.
 
     Example:
         >>> background = prepare_memory(model, tokenizer, load_background()[:300])
@@ -136,7 +139,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, background: SlotStats | None, lr: float = 0.3, score: str = "kl",
                  top_t: int = 500, rule: str = "adam", weight_decay: float = 0.0, seed: int = 0,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, factored: bool = False,
-                 write_on: str = "read") -> None:
+                 write_on: str = "read", gate_lr: float = 0.0) -> None:
         if score not in SCORES or rule not in RULES:
             raise ValueError(f"score must be one of {SCORES} and rule one of {RULES}, got {score!r}, {rule!r}.")
         if rule == "sgd" and weight_decay:
@@ -157,6 +160,12 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
             p.requires_grad_(False)
         for t in tables:
             t.requires_grad_(True)
+        if gate_lr < 0:
+            raise ValueError(f"gate_lr must be a learning rate >= 0, got {gate_lr}.")
+        gates = [m.gate.weight for m in self.layers] if gate_lr else []
+        for g in gates:
+            g.requires_grad_(True)
+        self.gate_optimizer = torch.optim.Adam(gates, lr=gate_lr) if gates else None
         super().__init__(tables, {"lr": lr, "weight_decay": weight_decay})
         self.rows_optimizer = (RowSGD(tables, lr) if rule == "sgd" else
                                RowAdam(tables, lr, weight_decay=weight_decay, layer_scale=rule == "adam_layer"))
@@ -243,6 +252,8 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
                                         for m, sink, r in zip(self.layers, self._read_gradients, rows)])
         for sink in self._read_gradients:
             sink.clear()
+        if self.gate_optimizer is not None:
+            self.gate_optimizer.step()
         self.last_rows, self.counts = rows, {}
         self.last_selection_seconds, self.selection_seconds = self.selection_seconds, 0.0
         return loss
@@ -258,9 +269,11 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         return grad
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the tables' gradients, dense or kept in factored form."""
+        """Clear the tables' gradients, dense or kept in factored form, and the gates'."""
         for sink in self._read_gradients:
             sink.clear()
+        if self.gate_optimizer is not None:
+            self.gate_optimizer.zero_grad(set_to_none)
         super().zero_grad(set_to_none)
 
     def _summed(self, counts: torch.Tensor) -> torch.Tensor:
@@ -272,8 +285,22 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
             torch.distributed.all_reduce(counts)
         return counts
 
+    def state_dict(self) -> dict:
+        """The state to save: row moments, and the gates' Adam state when they train."""
+        state = super().state_dict()
+        if self.gate_optimizer is not None:
+            state["gates"] = self.gate_optimizer.state_dict()
+        return state
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a saved state (row moments included)."""
+        """Load a saved state (row moments included, and the gates' when they train)."""
+        state_dict = dict(state_dict)
+        gates = state_dict.pop("gates", None)
+        if (gates is None) != (self.gate_optimizer is None):
+            raise ValueError("This state was saved with gate_lr " + ("0" if gates is None else "> 0") + " and this "
+                             "optimizer has the other: create it with the gate_lr the state was saved with.")
+        if gates is not None:
+            self.gate_optimizer.load_state_dict(gates)
         super().load_state_dict(state_dict)  # casts every state tensor to its parameter's dtype, indices too
         if isinstance(self.rows_optimizer, RowAdam):
             for i, table in enumerate(self.rows_optimizer.tables):

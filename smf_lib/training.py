@@ -46,6 +46,7 @@ class TrainConfig:
     background_on: str = "all"       # where the background's slot use was counted: stats.BACKGROUND_POSITIONS
     warmup: int = 0                  # steps over which the learning rate rises linearly to lr
     locality: float = 0.0            # sparse methods: weight of locality_penalty in the loss
+    gate_lr: float = 0.0             # sparse methods: Adam's rate for the memory's output gates (0: frozen)
     negatives: float = 0.0           # weight of the unlikelihood of the answer in sentences about made-up subjects
     lora_rank: int = 16
     max_length: int = 256            # tokens per training sentence, at most; a longer one is an error, never cut
@@ -57,9 +58,11 @@ class TrainConfig:
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
         if self.optimizer not in RULES or self.loss_on not in ("answer", "all"):
             raise ValueError(f"optimizer must be one of {', '.join(RULES)}; loss_on must be 'answer' or 'all'.")
-        if self.locality < 0 or (self.locality and self.method not in SPARSE_METHODS):
-            raise ValueError(f"locality must be >= 0 and is for sparse methods only, got {self.locality} for "
-                             f"{self.method}.")
+        for name in ("locality", "gate_lr"):
+            value = getattr(self, name)
+            if value < 0 or (value and self.method not in SPARSE_METHODS):
+                raise ValueError(f"{name} must be >= 0 and is for sparse methods only, got {value} for "
+                                 f"{self.method}.")
         if self.count_on not in COUNT_POSITIONS:
             raise ValueError(f"count_on must be one of {', '.join(COUNT_POSITIONS)}, got {self.count_on!r}.")
         if self.write_on not in WRITE_ON or (self.write_on == "counted" and self.locality):
@@ -135,8 +138,9 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, background: Slot
             lambda counts: accelerator.reduce(counts, "sum"))
         optimizer = SparseMemoryOptimizer(model, background, config.lr, SCORE_OF[config.method], config.top_t,
                                           config.optimizer, config.weight_decay, config.seed, reduce, factored=True,
-                                          write_on=config.write_on)
-        return model, optimizer, sum(t.numel() for t in optimizer.rows_optimizer.tables)
+                                          write_on=config.write_on, gate_lr=config.gate_lr)
+        gates = optimizer.gate_optimizer.param_groups[0]["params"] if optimizer.gate_optimizer else []
+        return model, optimizer, sum(t.numel() for t in [*optimizer.rows_optimizer.tables, *gates])
     for p in model.parameters():
         p.requires_grad_(False)
     if config.method == "lora":

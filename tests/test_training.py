@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from smf_lib.batches import Example, answer_tokens, build_examples, collate, counted_positions
 from smf_lib.data import load_facts
 from smf_lib.losses import next_token_losses
+from smf_lib.optim import SparseMemoryOptimizer
 from smf_lib.retrofit import memory_layers
 from smf_lib.stats import recording
 from smf_lib.training import (
@@ -177,6 +178,40 @@ def test_locality_term_keeps_the_memory_quiet_on_background_text(tiny):
     local, history = _trained(tiny, steps=6, batch_size=4, top_t=16, locality=100.0)
     assert all(torch.isfinite(torch.tensor(history.loss)))
     assert 0 < _loudness(local, background) < 0.5 * _loudness(plain, background)
+
+
+def test_trained_gates_move_only_with_a_gate_rate_and_quiet_the_memory_further_under_a_locality_term(tiny):
+    model, _, background = tiny
+    gates = [m.gate.weight.clone() for m in memory_layers(model)]
+    frozen, _ = _trained(tiny, steps=6, batch_size=4, top_t=16, locality=100.0)
+    assert all(torch.equal(m.gate.weight, g) for m, g in zip(memory_layers(frozen), gates))
+    gated, history = _trained(tiny, steps=6, batch_size=4, top_t=16, locality=100.0, gate_lr=1e-2)
+    assert all(not torch.equal(m.gate.weight, g) for m, g in zip(memory_layers(gated), gates))
+    assert history.params_trained == sum(m.values.weight.numel() + m.gate.weight.numel()
+                                         for m in memory_layers(gated))
+    assert not any(p.requires_grad for p in gated.parameters())
+    assert 0 < _loudness(gated, background) < _loudness(frozen, background)
+    with pytest.raises(ValueError, match="gate_lr must be >= 0 and is for sparse methods only"):
+        TrainConfig(method="lora", gate_lr=1e-3)
+
+
+def test_an_optimizer_state_with_trained_gates_round_trips_and_refuses_a_mismatch(tiny):
+    model, tokenizer, background = tiny
+    model = copy.deepcopy(model)
+    optimizer = SparseMemoryOptimizer(model, background, top_t=8, gate_lr=1e-2)
+    model(**tokenizer(FACTS[0].train[0], return_tensors="pt")).logits.sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    assert state["gates"]["state"]  # the gates' Adam moments are saved
+    optimizer.detach()
+    again = SparseMemoryOptimizer(model, background, top_t=8, gate_lr=1e-2)
+    again.load_state_dict(state)
+    assert torch.equal(again.gate_optimizer.state_dict()["state"][0]["exp_avg"], state["gates"]["state"][0]["exp_avg"])
+    again.detach()
+    plain = SparseMemoryOptimizer(model, background, top_t=8)
+    with pytest.raises(ValueError, match="saved with gate_lr > 0"):
+        plain.load_state_dict(state)
+    plain.detach()
 
 
 def test_locality_needs_the_background_inputs(tiny):
