@@ -68,7 +68,8 @@ def make_patch(model: torch.nn.Module, reference: torch.nn.Module) -> MemoryPatc
     """The value rows in which `model` differs from `reference`, a model with the same memory before training."""
     if addressing_fingerprint(model) != addressing_fingerprint(reference):
         raise PatchError("The two models' memories address slots differently (queries, keys, gate or projection "
-                         "differ): a patch holds value rows only, so both must come from the same retrofit.")
+                         "differ): a patch holds value rows only, so both must come from the same retrofit, trained "
+                         "with frozen gates (TrainConfig(gate_lr=0)).")
     new, old = _tables(model), _tables(reference)
     if {i: t.shape for i, t in new.items()} != {i: t.shape for i, t in old.items()}:
         raise PatchError("The two models' memories have different layers or sizes.")
