@@ -142,6 +142,8 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
                  write_on: str = "read", gate_lr: float = 0.0) -> None:
         if score not in SCORES or rule not in RULES:
             raise ValueError(f"score must be one of {SCORES} and rule one of {RULES}, got {score!r}, {rule!r}.")
+        if gate_lr < 0:
+            raise ValueError(f"gate_lr must be a learning rate >= 0, got {gate_lr}.")
         if rule == "sgd" and weight_decay:
             raise ValueError("rule='sgd' has no weight decay; use rule='adam' (decoupled, as AdamW) for it.")
         if write_on not in WRITE_ON or (write_on == "counted" and (not factored or reduce is not None)):
@@ -160,8 +162,6 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
             p.requires_grad_(False)
         for t in tables:
             t.requires_grad_(True)
-        if gate_lr < 0:
-            raise ValueError(f"gate_lr must be a learning rate >= 0, got {gate_lr}.")
         gates = [m.gate.weight for m in self.layers] if gate_lr else []
         for g in gates:
             g.requires_grad_(True)

@@ -192,6 +192,9 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
         hypers, tuning = tuned_settings(profile, methods, progress=progress)
     if missing := [m for m in methods if m not in hypers]:
         raise ValueError(f"No settings given for {', '.join(missing)}.")
+    if gated := [m for m in methods if m in SPARSE_METHODS and hypers[m].get("gate_lr")]:
+        raise ValueError(f"{', '.join(gated)}: a stream leaves a patch of value rows per round, and trained gates "
+                         "would not fit it; run the stream with gate_lr=0.")
     out = Path(out or Path("results") / f"stream-{profile.name}")
     started = time.perf_counter()
     setup = prepare(profile, "test", seed=seed, progress=progress)

@@ -114,3 +114,9 @@ def test_bad_rounds_fail_with_a_clear_error(rounds, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_stream_with_trained_gates_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ValueError, match="run the stream with gate_lr=0"):
+        run_stream("tiny", ["smf_kl"], rounds=2, out=tmp_path, hypers={"smf_kl": {"gate_lr": 1e-3}}, progress=False)
+    assert not any(tmp_path.iterdir())
