@@ -116,7 +116,7 @@ def test_a_locked_patch_keeps_later_training_off_its_rows(trained, tiny_ready):
     assert all(not m.locked.any() for m in memory_layers(locked))
 
 
-def test_a_model_trained_with_its_gates_makes_no_patch_of_rows_alone(trained, tiny_ready):
+def test_a_model_trained_with_its_gates_makes_no_patch_of_rows_alone(tiny_ready):
     reference, tokenizer, background = tiny_ready
     config = TrainConfig(steps=2, batch_size=4, top_t=8, lr=0.5, gate_lr=1e-2)
     gated, _ = train(copy.deepcopy(reference), tokenizer, load_facts(limit=2), config, background, progress=False)
