@@ -139,8 +139,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, background: Slot
         optimizer = SparseMemoryOptimizer(model, background, config.lr, SCORE_OF[config.method], config.top_t,
                                           config.optimizer, config.weight_decay, config.seed, reduce, factored=True,
                                           write_on=config.write_on, gate_lr=config.gate_lr)
-        gates = optimizer.gate_optimizer.param_groups[0]["params"] if optimizer.gate_optimizer else []
-        return model, optimizer, sum(t.numel() for t in [*optimizer.rows_optimizer.tables, *gates])
+        return model, optimizer, sum(p.numel() for p in model.parameters() if p.requires_grad)  # tables (and gates)
     for p in model.parameters():
         p.requires_grad_(False)
     if config.method == "lora":
