@@ -9,7 +9,7 @@ Figures (`smf_lib.plots`, `smf_lib.training_plots`), widgets (`smf_lib.widgets`)
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .analysis import changed_rows, layer_attribution, parameter_changes, snapshot
+from .analysis import changed_rows, gate_openness, layer_attribution, parameter_changes, snapshot
 from .data import (
     DataFormatError,
     Fact,
@@ -66,7 +66,7 @@ __all__ = [
     "Fact", "KnownFact", "DataFormatError", "load_facts", "load_known_facts", "load_background", "load_heldout_text",
     # evaluation and analysis
     "complete", "contains_answer", "fact_recall", "paraphrase_recall", "known_correct", "perplexity",
-    "snapshot", "parameter_changes", "changed_rows", "layer_attribution",
+    "snapshot", "parameter_changes", "changed_rows", "layer_attribution", "gate_openness",
     # memory patches: a trained fact set as a file to apply, revert and merge
     "MemoryPatch", "PatchError", "save_patch", "load_patch", "apply_patch", "revert_patch", "merge_patches",
     "lock_patch",

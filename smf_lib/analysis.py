@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from .retrofit import memory_layers
-from .stats import recording
+from .stats import capture_inputs, recording
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -96,12 +97,7 @@ def trained_read_share(model: torch.nn.Module, untrained: Before, tokenizer,
     A held-out wording of a trained fact can only recall it through rows it shares with the trained wordings.
     """
     rows = changed_rows(untrained, model)
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # positions as in training: no left offset
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
-    finally:
-        tokenizer.padding_side = side
-    last = enc["attention_mask"].sum(1) - 1
+    enc, last = _encode_for_last_token(model, tokenizer, prompts)
     with recording(model) as layers:
         model(**enc)
         shares = []
@@ -111,3 +107,34 @@ def trained_read_share(model: torch.nn.Module, untrained: Before, tokenizer,
             trained = torch.isin(idx, rows[m.layer_index].to(idx.device))
             shares.append((w * trained).sum((-1, -2)) / w.sum((-1, -2)))
     return torch.stack(shares).mean(0).tolist()
+
+
+def _encode_for_last_token(model: torch.nn.Module, tokenizer, prompts: list[str]) -> tuple[dict, torch.Tensor]:
+    """The prompts as one right-padded batch (positions as in training: no left offset) and each one's last index."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    finally:
+        tokenizer.padding_side = side
+    return enc, enc["attention_mask"].sum(1) - 1
+
+
+@torch.no_grad()
+def gate_openness(model: torch.nn.Module, untrained: Before, tokenizer, prompts: list[str]) -> dict[int, float]:
+    """Per memory layer, how open `model`'s output gates are at the prompts' last tokens, relative to `untrained`'s
+    gates on the same inputs: mean |silu(gate(x))|, as a ratio (1: unchanged, below 1: shut further).
+
+    Gates trained beside a locality term (`TrainConfig(gate_lr=...)`) learn where the memory may speak; this says
+    where, for any kind of prompt: a new fact's questions, known facts, ordinary text.
+    """
+    names = {m: name for name, m in model.named_modules() if m in memory_layers(model)}
+    reference = parameters_by_name(untrained, model)
+    enc, last = _encode_for_last_token(model, tokenizer, prompts)
+    with capture_inputs(model) as captured:
+        model(**enc)
+    ratios = {}
+    for m, name in names.items():
+        x = captured[m.layer_index][0][torch.arange(len(prompts)), last]
+        before = reference[f"{name}.gate.weight"].to(x.device)
+        ratios[m.layer_index] = (F.silu(m.gate(x)).abs().mean() / F.silu(x @ before.T).abs().mean()).item()
+    return ratios

@@ -8,6 +8,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from smf_lib.analysis import gate_openness
 from smf_lib.batches import Example, answer_tokens, build_examples, collate, counted_positions
 from smf_lib.data import load_facts
 from smf_lib.losses import next_token_losses
@@ -181,7 +182,7 @@ def test_locality_term_keeps_the_memory_quiet_on_background_text(tiny):
 
 
 def test_trained_gates_move_only_with_a_gate_rate_and_quiet_the_memory_further_under_a_locality_term(tiny):
-    model, _, background = tiny
+    model, tokenizer, background = tiny
     gates = [m.gate.weight.clone() for m in memory_layers(model)]
     frozen, _ = _trained(tiny, steps=6, batch_size=4, top_t=16, locality=100.0)
     assert all(torch.equal(m.gate.weight, g) for m, g in zip(memory_layers(frozen), gates))
@@ -191,6 +192,10 @@ def test_trained_gates_move_only_with_a_gate_rate_and_quiet_the_memory_further_u
                                          for m in memory_layers(gated))
     assert not any(p.requires_grad for p in gated.parameters())
     assert 0 < _loudness(gated, background) < _loudness(frozen, background)
+    ordinary = [f.train[0] for f in load_facts()[50:58]]  # background sentences: where the gates learned to shut
+    unchanged = {m.layer_index: 1.0 for m in memory_layers(model)}
+    assert gate_openness(frozen, model, tokenizer, ordinary) == pytest.approx(unchanged)
+    assert all(0 < ratio < 1 for ratio in gate_openness(gated, model, tokenizer, ordinary).values())
     with pytest.raises(ValueError, match="gate_lr must be >= 0 and is for sparse methods only"):
         TrainConfig(method="lora", gate_lr=1e-3)
 
