@@ -20,6 +20,7 @@ from .data import (
     load_known_facts,
 )
 from .evaluation import complete, contains_answer, fact_recall, known_correct, paraphrase_recall, perplexity
+from .gates import fit_gates
 from .healing import HealConfig, heal
 from .memory import ProductKeyMemory, SlotAccess
 from .models import ModelNotAvailableError, load_base_model
@@ -56,7 +57,7 @@ __all__ = [
     "load_base_model", "ModelNotAvailableError", "ProductKeyMemory", "SlotAccess",
     "MemoryConfig", "RetrofitError", "retrofit", "memory_layers", "save_memory", "load_memory",
     # profiles and the pipeline to a model ready for sparse training
-    "Profile", "PROFILES", "get_profile", "prepare_memory", "heal", "HealConfig",
+    "Profile", "PROFILES", "get_profile", "prepare_memory", "heal", "HealConfig", "fit_gates",
     # slot statistics and selection
     "SlotStats", "collect_background", "recording", "slot_counts",
     "kl_scores", "tfidf_scores", "select_top", "token_surprise",

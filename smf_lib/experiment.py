@@ -28,6 +28,7 @@ from .evaluation import (
     known_correct,
     score_texts,
 )
+from .gates import fit_gates, practice_facts
 from .healing import HealConfig, heal
 from .models import default_device, load_base_model
 from .pipeline import prepare_memory
@@ -109,20 +110,21 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     heldout = perplexity_texts(profile, split)
     texts = load_background()[: profile.run.n_background]
     known_all = load_known_facts(split=split)[: profile.run.n_known]
+    background_on, heal_info = profile.train.background_on, None
     if config.mode == "replace":
-        healing = replace(profile.heal, seed=seed)
-        background, heal_info = _retrofit_and_heal(model, tokenizer, texts, heldout, known_all, config, healing,
-                                                   progress, profile.train.background_on)
+        background, heal_info = _retrofit_and_heal(model, tokenizer, texts, heldout, known_all, config,
+                                                   replace(profile.heal, seed=seed), progress, background_on)
     else:
-        background = prepare_memory(model, tokenizer, texts, config, progress,
-                                    background_on=profile.train.background_on)
-        heal_info = None
+        background = prepare_memory(model, tokenizer, texts, config, progress, background_on=background_on)
+    fitted = config.fit_gates and fit_gates(model, tokenizer, practice_facts(given), background, config.fit_gates,
+                                            profile.train, progress)
     with torch.no_grad():
         diff = (model(**probe).logits - base_logits).abs().max().item()
     layers = memory_layers(model)
     retrofit_info = {"mode": config.mode, "augment": augment, "layers": [m.layer_index for m in layers],
                      "slots_per_layer": layers[0].n_slots, "max_abs_logit_diff": diff,
-                     "memory_params": sum(p.numel() for m in layers for p in m.parameters())}
+                     "memory_params": sum(p.numel() for m in layers for p in m.parameters()),
+                     **({"fit_gates": fitted} if fitted else {})}
     facts = augment_facts(given, augment, model, tokenizer, seed)
     setup = Setup(profile, split, model, tokenizer, facts, known_all, heldout, background, {}, None, retrofit_info)
     step0, known_ok, known_nll, setup.base_texts = _scores(setup, model, full=True)
@@ -211,8 +213,7 @@ def _by_format(facts: Sequence[Fact], completions: Sequence[str]) -> dict[str, f
 
 def _share(hits) -> float:
     """The mean of `hits` (booleans: the share that hold), 0 when there are none."""
-    hits = list(hits)
-    return sum(hits) / len(hits) if hits else 0.0
+    return sum(h) / len(h) if (h := list(hits)) else 0.0
 
 
 def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:

@@ -50,6 +50,7 @@ class MemoryConfig:
     output_scale: float = 20.0
     mode: str = "additive"
     key_init: str = "random"     # "kmeans": sub-keys at centroids of the background's queries (calibrate_keys)
+    fit_gates: int = 0           # steps of gates.fit_gates on practice facts after calibration (0: random gates)
     seed: int = 0
 
     @classmethod
@@ -131,6 +132,9 @@ def retrofit(model: nn.Module, config: MemoryConfig | None = None) -> nn.Module:
     if config.key_init not in KEY_INITS or (config.key_init == "kmeans" and not centroids_apply):
         raise RetrofitError(f"key_init must be one of {KEY_INITS}, got {config.key_init!r}; 'kmeans' needs "
                             "qk_norm=True and mode='additive' (healing trains a replace-mode memory's keys).")
+    if config.fit_gates < 0 or (config.fit_gates and config.mode == "replace"):
+        raise RetrofitError(f"fit_gates is a number of steps >= 0, got {config.fit_gates}, and for additive mode "
+                            "only: a healed memory's gates carry the replaced MLPs' work.")
     blocks = decoder_layers(model)
     layers = config.resolved_layers(len(blocks))
     dim = model.get_input_embeddings().embedding_dim
