@@ -69,7 +69,8 @@ def make_patch(model: torch.nn.Module, reference: torch.nn.Module) -> MemoryPatc
     if addressing_fingerprint(model) != addressing_fingerprint(reference):
         raise PatchError("The two models' memories address slots differently (queries, keys, gate or projection "
                          "differ): a patch holds value rows only, so both must come from the same retrofit, trained "
-                         "with frozen gates (TrainConfig(gate_lr=0)).")
+                         "with frozen gates (TrainConfig(gate_lr=0); gates fitted before training, "
+                         "MemoryConfig(fit_gates=N), are part of the reference).")
     new, old = _tables(model), _tables(reference)
     if {i: t.shape for i, t in new.items()} != {i: t.shape for i, t in old.items()}:
         raise PatchError("The two models' memories have different layers or sizes.")

@@ -194,7 +194,8 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
         raise ValueError(f"No settings given for {', '.join(missing)}.")
     if gated := [m for m in methods if m in SPARSE_METHODS and hypers[m].get("gate_lr")]:
         raise ValueError(f"{', '.join(gated)}: a stream leaves a patch of value rows per round, and trained gates "
-                         "would not fit it; run the stream with gate_lr=0.")
+                         "would not fit it; run the stream with gate_lr=0 (gates fitted once beforehand, "
+                         "MemoryConfig(fit_gates=N), do fit).")
     out = Path(out or Path("results") / f"stream-{profile.name}")
     started = time.perf_counter()
     setup = prepare(profile, "test", seed=seed, progress=progress)
