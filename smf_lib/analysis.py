@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from .memory import ProductKeyMemory
 from .retrofit import memory_layers
 from .stats import capture_inputs, recording
 
@@ -127,7 +128,7 @@ def gate_openness(model: torch.nn.Module, untrained: Before, tokenizer, prompts:
     Gates trained beside a locality term (`TrainConfig(gate_lr=...)`) learn where the memory may speak; this says
     where, for any kind of prompt: a new fact's questions, known facts, ordinary text.
     """
-    names = {m: name for name, m in model.named_modules() if m in memory_layers(model)}
+    names = {m: name for name, m in model.named_modules() if isinstance(m, ProductKeyMemory)}
     reference = parameters_by_name(untrained, model)
     enc, last = _encode_for_last_token(model, tokenizer, prompts)
     with capture_inputs(model) as captured:
