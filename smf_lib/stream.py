@@ -24,7 +24,7 @@ from .data import Fact
 from .evaluation import complete, hit_rate
 from .experiment import Setup, evaluate, prepare, split_facts, train_method
 from .files import save_figure, write_json
-from .patches import MemoryPatch, lock_patch, revert_patch, save_patch
+from .patches import MemoryPatch, apply_patch, lock_patch, revert_patch, save_patch
 from .plots import GREY, HEATMAP_CMAP, PALETTE, theme
 from .profiles import Profile, get_profile
 from .report import LABELS
@@ -82,7 +82,7 @@ class MethodStream:
 
 def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hyper: dict,
                   patch_dir: str | Path | None = None, seed: int = 0, progress: bool = True,
-                  lock: bool = True) -> MethodStream:
+                  lock: bool = True, independent: bool = False) -> MethodStream:
     """Train `method` on each part in turn, each round from the previous round's model, and score after each.
 
     A round stops at the profile's target recall on its own facts, checked every third of the profile's
@@ -90,7 +90,9 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     patch (against the model before the round) into `patch_dir`, or into a temporary folder when it is None, only
     to measure its size. With `lock` later rounds may not write a round's rows (`lock_patch`): each round's
     facts stay as learned and its patch reverts whole (without it, later rounds rewrote half of round 1's rows and
-    round 1 kept a third of its recall; docs/RESULTS.md).
+    round 1 kept a third of its recall; docs/RESULTS.md). With `independent` (sparse methods, locked rounds) each
+    round trains with the earlier rounds' rows taken out, which go back in after it: no round's rows are fitted
+    around another's, so reverting one leaves the others as they would be without it.
     """
     sparse = method in SPARSE_METHODS
     eval_every = max(setup.profile.run.eval_every // 3, 1)  # checkpoints measure recall only: they can be frequent
@@ -99,14 +101,19 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     if sparse:
         entry["patch_bytes"], entry["patch_rows"] = [], []
     current, patches = setup.model, []
+    independent = independent and sparse and lock
     for j in tqdm(range(len(parts)), desc=f"{method} rounds", disable=not progress):
+        for earlier in patches if independent else ():
+            revert_patch(current, earlier)  # still locked: this round writes other rows
         run = train_method(replace(setup, facts=list(parts[j]), model=current), method, hyper, seed=seed,
                            eval_every=eval_every, progress=progress, recall_only=True)
         if sparse:
             patch, size = _round_patch(run.model, current, patch_dir, method, j)
-            patches.append(patch)
             if lock:
                 lock_patch(run.model, patch)
+            for earlier in patches if independent else ():
+                apply_patch(run.model, earlier)
+            patches.append(patch)
             entry["patch_bytes"].append(size)
             entry["patch_rows"].append(patch.n_rows)
         current = run.model  # the next round continues from here; the previous model can be freed
@@ -176,7 +183,7 @@ def new_stream_summary(setup: Setup, parts: Sequence[Sequence[Fact]], seed: int,
 
 def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = STREAM_METHODS, rounds: int = 5,
                out: str | Path | None = None, hypers: dict[str, dict] | None = None, seed: int = 0,
-               progress: bool = True, lock: bool = True) -> dict:
+               progress: bool = True, lock: bool = True, independent: bool = False) -> dict:
     """Teach the test facts in `rounds` rounds with every method; write `out/summary.json`, `out/stream.png` and
     the sparse methods' patches (`out/patches/<method>/round-<i>.safetensors`) after every method; return the
     summary. `hypers` (method -> TrainConfig fields) defaults to the profile's tuned settings; with `lock` (the
@@ -200,9 +207,11 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
     started = time.perf_counter()
     setup = prepare(profile, "test", seed=seed, progress=progress)
     parts = split_rounds(setup.facts, rounds)
-    summary = new_stream_summary(setup, parts, seed, tuning) | {"locked_rounds": lock}
+    summary = new_stream_summary(setup, parts, seed, tuning)
+    summary |= {"locked_rounds": lock, "independent_rounds": independent}
     for method in methods:
-        stream = stream_method(setup, parts, method, hypers[method], out / "patches", seed, progress, lock)
+        stream = stream_method(setup, parts, method, hypers[method], out / "patches", seed, progress, lock,
+                               independent)
         if method in SPARSE_METHODS:
             stream.entry["revert"] = revert_summary(setup, parts, stream)
         summary["methods"][method] = stream.entry

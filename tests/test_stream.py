@@ -3,6 +3,7 @@ and clear errors for a bad number of rounds."""
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from smf_lib.__main__ import main
 from smf_lib.data import load_facts
 from smf_lib.experiment import prepare, train_method
+from smf_lib.patches import apply_patch, lock_patch, make_patch
 from smf_lib.retrofit import memory_layers
 from smf_lib.stream import backward_transfer, format_stream, revert_round, run_stream, split_rounds, stream_method
 
@@ -86,6 +88,20 @@ def test_locked_rounds_write_disjoint_rows_and_revert_whole(streamed):
     assert all(not torch.isin(second.rows[i], first.rows[i]).any() for i in first.rows)
     reverted, shared = revert_round(copy.deepcopy(stream.model), stream.patches, 0)
     assert reverted.n_rows == first.n_rows and not any(len(r) for r in shared.values())
+
+
+def test_independent_rounds_train_each_round_on_the_reference_memory(streamed):
+    setup, parts, _ = streamed
+    stream = stream_method(setup, parts, "smf_kl", HYPERS["smf_kl"], progress=False, independent=True)
+    first, second = stream.patches
+    alone = lock_patch(copy.deepcopy(setup.model), first)  # round 1's rows kept out, but not in the memory
+    run = train_method(replace(setup, facts=list(parts[1]), model=alone), "smf_kl", HYPERS["smf_kl"],
+                       eval_every=1, recall_only=True, progress=False)
+    expected = make_patch(run.model, alone)
+    for i, rows in second.rows.items():
+        assert torch.equal(rows, expected.rows[i]) and torch.equal(second.values[i], expected.values[i])
+    both = apply_patch(apply_patch(copy.deepcopy(setup.model), first), second)
+    assert all(torch.equal(t, _tables(stream.model)[i]) for i, t in _tables(both).items())
 
 
 def test_rounds_stop_on_recall_checks_alone(streamed):
