@@ -176,6 +176,9 @@ def merge_patches(first: MemoryPatch, second: MemoryPatch,
     Rows changed by both are refused (`on_collision="refuse"`, a PatchError naming how many), or taken from the
     `"first"` or the `"second"` patch, or averaged (`"mean"`). Both must address slots alike; a patch made after
     another was applied merges with `"second"`, and the merged patch then reverts to what the first found.
+    The merge is exact, but patches trained apart were never trained against each other: their facts' prompts
+    read each other's rows, and the merged memory may answer less of each set than either patch alone
+    (docs/RESULTS.md, "Rounds trained apart, then stacked").
     """
     if on_collision not in ("refuse", "first", "second", "mean"):
         raise ValueError(f"on_collision must be 'refuse', 'first', 'second' or 'mean', got {on_collision!r}.")
