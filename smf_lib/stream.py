@@ -90,10 +90,12 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     patch (against the model before the round) into `patch_dir`, or into a temporary folder when it is None, only
     to measure its size. With `lock` later rounds may not write a round's rows (`lock_patch`): each round's
     facts stay as learned and its patch reverts whole (without it, later rounds rewrote half of round 1's rows and
-    round 1 kept a third of its recall; docs/RESULTS.md). With `independent` (sparse methods, locked rounds) each
+    round 1 kept a third of its recall; docs/RESULTS.md). With `independent` (sparse methods; needs `lock`) each
     round trains with the earlier rounds' rows taken out, which go back in after it: no round's rows are fitted
-    around another's, so reverting one leaves the others as they would be without it.
+    around another's, so reverting one leaves the others as they would be without it, but stacked they interfere
+    (docs/RESULTS.md, "Rounds trained apart, then stacked").
     """
+    _check_rounds(lock, independent)
     sparse = method in SPARSE_METHODS
     eval_every = max(setup.profile.run.eval_every // 3, 1)  # checkpoints measure recall only: they can be frequent
     entry: dict = {"hyper": hyper, "retention": [], "known_fact_drop_pct": [], "ppl_increase_pct": [],
@@ -101,7 +103,7 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     if sparse:
         entry["patch_bytes"], entry["patch_rows"] = [], []
     current, patches = setup.model, []
-    independent = independent and sparse and lock
+    independent = independent and sparse
     for j in tqdm(range(len(parts)), desc=f"{method} rounds", disable=not progress):
         for earlier in patches if independent else ():
             revert_patch(current, earlier)  # still locked: this round writes other rows
@@ -121,6 +123,12 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
         entry["train_seconds"].append(run.train_seconds)
         _score_round(entry, setup, current, parts[: j + 1])
     return MethodStream(current, patches, entry)
+
+
+def _check_rounds(lock: bool, independent: bool) -> None:
+    if independent and not lock:
+        raise ValueError("Independent rounds need locked rounds: a round trained apart must not write the rows of "
+                         "the rounds taken out while it trains; pass lock=True (not --share-rows).")
 
 
 def _round_patch(model: torch.nn.Module, before: torch.nn.Module, patch_dir: str | Path | None, method: str,
@@ -187,13 +195,15 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
     """Teach the test facts in `rounds` rounds with every method; write `out/summary.json`, `out/stream.png` and
     the sparse methods' patches (`out/patches/<method>/round-<i>.safetensors`) after every method; return the
     summary. `hypers` (method -> TrainConfig fields) defaults to the profile's tuned settings; with `lock` (the
-    default), sparse methods keep each round's rows out of later rounds' reach."""
+    default), sparse methods keep each round's rows out of later rounds' reach, and with `independent` train each
+    round on the memory without the earlier rounds' rows (`stream_method`)."""
     profile = get_profile(profile)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"Unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
                          f"{', '.join(METHODS)}.")
     split_rounds(split_facts(profile, "test"), rounds)  # a bad --rounds fails before any model is loaded
+    _check_rounds(lock, independent)
     tuning = None
     if hypers is None:
         hypers, tuning = tuned_settings(profile, methods, progress=progress)

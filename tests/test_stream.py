@@ -136,3 +136,10 @@ def test_a_stream_with_trained_gates_is_refused_before_anything_loads(tmp_path):
     with pytest.raises(ValueError, match="run the stream with gate_lr=0"):
         run_stream("tiny", ["smf_kl"], rounds=2, out=tmp_path, hypers={"smf_kl": {"gate_lr": 1e-3}}, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_independent_rounds_without_locks_are_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ValueError, match="need locked rounds"):
+        run_stream("tiny", ["smf_kl"], rounds=2, out=tmp_path, hypers=HYPERS, progress=False, lock=False,
+                   independent=True)
+    assert not any(tmp_path.iterdir())
