@@ -87,7 +87,7 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
 
     A round stops at the profile's target recall on its own facts, checked every third of the profile's
     checkpoint interval; everything else is measured once, after the round. Sparse methods save each round's
-    patch (against the model before the round) into `patch_dir`, or into a temporary folder when it is None, only
+    patch (against the memory it trained from) into `patch_dir`, or into a temporary folder when it is None, only
     to measure its size. With `lock` later rounds may not write a round's rows (`lock_patch`): each round's
     facts stay as learned and its patch reverts whole (without it, later rounds rewrote half of round 1's rows and
     round 1 kept a third of its recall; docs/RESULTS.md). With `independent` (sparse methods; needs `lock`) each
@@ -128,7 +128,7 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
 def _check_rounds(lock: bool, independent: bool) -> None:
     if independent and not lock:
         raise ValueError("Independent rounds need locked rounds: a round trained apart must not write the rows of "
-                         "the rounds taken out while it trains; pass lock=True (not --share-rows).")
+                         "the rounds taken out while it trains; pass lock=True.")
 
 
 def _round_patch(model: torch.nn.Module, before: torch.nn.Module, patch_dir: str | Path | None, method: str,

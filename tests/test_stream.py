@@ -91,9 +91,11 @@ def test_locked_rounds_write_disjoint_rows_and_revert_whole(streamed):
 
 
 def test_independent_rounds_train_each_round_on_the_reference_memory(streamed):
-    setup, parts, _ = streamed
+    setup, parts, sequential = streamed
     stream = stream_method(setup, parts, "smf_kl", HYPERS["smf_kl"], progress=False, independent=True)
     first, second = stream.patches
+    assert all(torch.equal(first.values[i], sequential.patches[0].values[i]) for i in first.rows)  # round 1 alike
+    assert any(not torch.equal(second.values[i], sequential.patches[1].values[i]) for i in second.rows)
     alone = lock_patch(copy.deepcopy(setup.model), first)  # round 1's rows kept out, but not in the memory
     run = train_method(replace(setup, facts=list(parts[1]), model=alone), "smf_kl", HYPERS["smf_kl"],
                        eval_every=1, recall_only=True, progress=False)
