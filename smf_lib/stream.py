@@ -103,9 +103,9 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     if sparse:
         entry["patch_bytes"], entry["patch_rows"] = [], []
     current, patches = setup.model, []
-    independent = independent and sparse
+    set_aside = independent and sparse  # earlier rounds' rows are out of the memory while a round trains
     for j in tqdm(range(len(parts)), desc=f"{method} rounds", disable=not progress):
-        for earlier in patches if independent else ():
+        for earlier in patches if set_aside else ():
             revert_patch(current, earlier)  # still locked: this round writes other rows
         run = train_method(replace(setup, facts=list(parts[j]), model=current), method, hyper, seed=seed,
                            eval_every=eval_every, progress=progress, recall_only=True)
@@ -113,7 +113,7 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
             patch, size = _round_patch(run.model, current, patch_dir, method, j)
             if lock:
                 lock_patch(run.model, patch)
-            for earlier in patches if independent else ():
+            for earlier in patches if set_aside else ():
                 apply_patch(run.model, earlier)
             patches.append(patch)
             entry["patch_bytes"].append(size)
@@ -126,6 +126,7 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
 
 
 def _check_rounds(lock: bool, independent: bool) -> None:
+    """Refuse independent rounds without locks."""
     if independent and not lock:
         raise ValueError("Independent rounds need locked rounds: a round trained apart must not write the rows of "
                          "the rounds taken out while it trains; pass lock=True.")
