@@ -3,7 +3,8 @@
 Sparse memory finetuning changes a few thousand value rows and nothing else, so a fact set is an installable,
 removable unit: `save_patch` keeps the changed rows with their indices, the rows they replaced (only the non-zero
 ones: a fresh memory's rows are zero) and a fingerprint of the memory's addressing (queries, keys, gate, projection),
-since value rows mean something only to the addressing that reads them.
+since value rows mean something only to the addressing that reads them. `quantize_patch` (or
+`save_patch(..., precision="int8")`) stores each row's change as int8 codes and one scale: a quarter of the bytes.
 
 Example:
     >>> reference = copy.deepcopy(model)              # the memory before training
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .files import save_tensors
@@ -31,14 +32,20 @@ class PatchError(ValueError):
     """A patch that does not fit this memory, or patches that collide."""
 
 
+PRECISIONS = ("float32", "int8")
+
+
 @dataclass
 class MemoryPatch:
-    """Per memory layer: the indices of the changed rows, their new values, and the rows they replaced."""
+    """Per memory layer: the indices of the changed rows, their new values, and the rows they replaced; an int8
+    patch also keeps the codes and per-row scales its values were decoded from (values = before + codes * scale)."""
 
     rows: dict[int, torch.Tensor]
     values: dict[int, torch.Tensor]
     before: dict[int, torch.Tensor]
     addressing: str  # fingerprint of the memory's parameters other than the values
+    codes: dict[int, torch.Tensor] | None = None
+    scales: dict[int, torch.Tensor] | None = None
 
     @property
     def n_rows(self) -> int:
@@ -79,39 +86,74 @@ def make_patch(model: torch.nn.Module, reference: torch.nn.Module) -> MemoryPatc
                        {i: old[i].detach()[r].cpu().clone() for i, r in rows.items()}, addressing_fingerprint(model))
 
 
-def save_patch(model: torch.nn.Module, reference: torch.nn.Module, path: str | Path) -> MemoryPatch:
-    """Write the rows `model` changed against `reference` to a safetensors file (atomically); return the patch."""
+def quantize_patch(patch: MemoryPatch) -> MemoryPatch:
+    """The patch with each row's change coded in int8 and one float scale per row: a quarter of the bytes.
+
+    The scale maps a row's largest change to ±127, so every new value lies within half a step (scale / 2) of the
+    trained one; the rows replaced are kept exactly, so reverting stays bit for bit. Lossy: measure what it costs
+    (docs/RESULTS.md, "Patches in int8").
+    """
+    codes, scales, values = {}, {}, {}
+    for i, before in patch.before.items():
+        change = patch.values[i].float() - before.float()
+        scales[i] = change.abs().amax(dim=1).div(127).clamp_min(torch.finfo(torch.float32).tiny)
+        codes[i] = change.div(scales[i][:, None]).round().clamp(-127, 127).to(torch.int8)
+        values[i] = _decode(before, codes[i], scales[i]).to(patch.values[i].dtype)
+    return MemoryPatch(patch.rows, values, patch.before, patch.addressing, codes, scales)
+
+
+def _decode(before: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return before.float() + codes.float() * scales[:, None]
+
+
+def save_patch(model: torch.nn.Module, reference: torch.nn.Module, path: str | Path,
+               precision: str = "float32") -> MemoryPatch:
+    """Write the rows `model` changed against `reference` to a safetensors file (atomically); return the patch as
+    written. `precision="int8"` stores each row's change in int8 (`quantize_patch`); "float32" stores it exactly."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     patch = make_patch(model, reference)
+    if precision == "int8":
+        patch = quantize_patch(patch)
     write_patch(patch, path)
     return patch
 
 
 def write_patch(patch: MemoryPatch, path: str | Path) -> Path:
-    """Write a patch to a safetensors file, atomically; replaced rows that were all zero are not stored."""
+    """Write a patch to a safetensors file, atomically; replaced rows that were all zero are not stored, and an
+    int8 patch stores its codes and scales instead of its values."""
     tensors = {}
     for i, rows in patch.rows.items():
         kept = patch.before[i].ne(0).any(dim=1)
-        tensors |= {f"rows.{i}": rows, f"values.{i}": patch.values[i],
-                    f"before_rows.{i}": rows[kept], f"before.{i}": patch.before[i][kept]}
+        new = ({f"codes.{i}": patch.codes[i], f"scales.{i}": patch.scales[i]} if patch.codes is not None
+               else {f"values.{i}": patch.values[i]})
+        tensors |= {f"rows.{i}": rows, **new, f"before_rows.{i}": rows[kept], f"before.{i}": patch.before[i][kept]}
     meta = {"addressing": patch.addressing, "layers": json.dumps(sorted(patch.rows)),
-            "dims": json.dumps({i: v.shape[1] for i, v in patch.values.items()})}
+            "dims": json.dumps({i: v.shape[1] for i, v in patch.values.items()}),
+            "precision": "int8" if patch.codes is not None else "float32"}
     return save_tensors(tensors, path, meta)
 
 
 def load_patch(path: str | Path) -> MemoryPatch:
-    """Read a patch written by `save_patch`."""
+    """Read a patch written by `save_patch` (float32 or int8)."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         tensors, layers, dims = load_file(str(path)), json.loads(meta["layers"]), json.loads(meta["dims"])
-    except (OSError, KeyError, ValueError) as error:
+        coded = meta.get("precision") == "int8"
+        patch = MemoryPatch({}, {}, {}, meta["addressing"], *(({}, {}) if coded else (None, None)))
+        for i in layers:
+            rows = patch.rows[i] = tensors[f"rows.{i}"]
+            before = patch.before[i] = torch.zeros(len(rows), dims[str(i)], dtype=tensors[f"before.{i}"].dtype)
+            before[torch.isin(rows, tensors[f"before_rows.{i}"])] = tensors[f"before.{i}"]
+            if coded:
+                patch.codes[i], patch.scales[i] = tensors[f"codes.{i}"], tensors[f"scales.{i}"]
+                patch.values[i] = _decode(before, patch.codes[i], patch.scales[i]).to(before.dtype)
+            else:
+                patch.values[i] = tensors[f"values.{i}"]
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as error:
         raise PatchError(f"{path} is not a memory patch written by save_patch ({error}).") from None
-    rows, values, before = {}, {}, {}
-    for i in layers:
-        rows[i], values[i] = tensors[f"rows.{i}"], tensors[f"values.{i}"]
-        before[i] = torch.zeros(len(rows[i]), dims[str(i)], dtype=values[i].dtype)
-        before[i][torch.isin(rows[i], tensors[f"before_rows.{i}"])] = tensors[f"before.{i}"]
-    return MemoryPatch(rows, values, before, meta["addressing"])
+    return patch
 
 
 def _check(model: torch.nn.Module, patch: MemoryPatch, expected: dict[int, torch.Tensor], what: str) -> dict:

@@ -24,7 +24,16 @@ from .data import Fact
 from .evaluation import complete, hit_rate
 from .experiment import Setup, evaluate, prepare, split_facts, train_method
 from .files import save_figure, write_json
-from .patches import MemoryPatch, apply_patch, lock_patch, revert_patch, save_patch
+from .patches import (
+    PRECISIONS,
+    MemoryPatch,
+    apply_patch,
+    lock_patch,
+    make_patch,
+    quantize_patch,
+    revert_patch,
+    write_patch,
+)
 from .plots import GREY, HEATMAP_CMAP, PALETTE, theme
 from .profiles import Profile, get_profile
 from .report import LABELS
@@ -82,7 +91,7 @@ class MethodStream:
 
 def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hyper: dict,
                   patch_dir: str | Path | None = None, seed: int = 0, progress: bool = True,
-                  lock: bool = True, independent: bool = False) -> MethodStream:
+                  lock: bool = True, independent: bool = False, precision: str = "int8") -> MethodStream:
     """Train `method` on each part in turn, each round from the previous round's model, and score after each.
 
     A round stops at the profile's target recall on its own facts, checked every third of the profile's
@@ -93,9 +102,10 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     round 1 kept a third of its recall; docs/RESULTS.md). With `independent` (sparse methods; needs `lock`) each
     round trains with the earlier rounds' rows taken out, which go back in after it: no round's rows are fitted
     around another's, so reverting one leaves the others as they would be without it, but stacked they interfere
-    (docs/RESULTS.md, "Rounds trained apart, then stacked").
+    (docs/RESULTS.md, "Rounds trained apart, then stacked"). Patches are saved in `precision` ("int8", a quarter
+    of float32's bytes, or "float32", exact; `quantize_patch`), and each round continues from the rows saved.
     """
-    _check_rounds(lock, independent)
+    _check_rounds(lock, independent, precision)
     sparse = method in SPARSE_METHODS
     eval_every = max(setup.profile.run.eval_every // 3, 1)  # checkpoints measure recall only: they can be frequent
     entry: dict = {"hyper": hyper, "retention": [], "known_fact_drop_pct": [], "ppl_increase_pct": [],
@@ -110,7 +120,7 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
         run = train_method(replace(setup, facts=list(parts[j]), model=current), method, hyper, seed=seed,
                            eval_every=eval_every, progress=progress, recall_only=True)
         if sparse:
-            patch, size = _round_patch(run.model, current, patch_dir, method, j)
+            patch, size = _round_patch(run.model, current, patch_dir, method, j, precision)
             if lock:
                 lock_patch(run.model, patch)
             for earlier in patches if set_aside else ():
@@ -125,22 +135,28 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     return MethodStream(current, patches, entry)
 
 
-def _check_rounds(lock: bool, independent: bool) -> None:
-    """Refuse independent rounds without locks."""
+def _check_rounds(lock: bool, independent: bool, precision: str) -> None:
+    """Refuse independent rounds without locks, and an unknown patch precision."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if independent and not lock:
         raise ValueError("Independent rounds need locked rounds: a round trained apart must not write the rows of "
                          "the rounds taken out while it trains; pass lock=True.")
 
 
 def _round_patch(model: torch.nn.Module, before: torch.nn.Module, patch_dir: str | Path | None, method: str,
-                 index: int) -> tuple[MemoryPatch, int]:
-    """Save the round's patch and return it with its file size in bytes."""
+                 index: int, precision: str) -> tuple[MemoryPatch, int]:
+    """Save the round's patch and return it with its file size in bytes; the model is left holding what the file
+    holds (an int8 patch's decoded rows), so later rounds build on what ships."""
+    patch = make_patch(model, before)
+    if precision == "int8":
+        shipped = quantize_patch(patch)
+        apply_patch(revert_patch(model, patch), shipped)
+        patch = shipped
     if patch_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "round.safetensors"
-            return save_patch(model, before, path), path.stat().st_size
-    path = Path(patch_dir) / method / f"round-{index}.safetensors"
-    return save_patch(model, before, path), path.stat().st_size
+            return patch, write_patch(patch, Path(tmp) / "round.safetensors").stat().st_size
+    return patch, write_patch(patch, Path(patch_dir) / method / f"round-{index}.safetensors").stat().st_size
 
 
 def _score_round(entry: dict, setup: Setup, model: torch.nn.Module, seen: Sequence[Sequence[Fact]]) -> None:
@@ -192,19 +208,19 @@ def new_stream_summary(setup: Setup, parts: Sequence[Sequence[Fact]], seed: int,
 
 def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = STREAM_METHODS, rounds: int = 5,
                out: str | Path | None = None, hypers: dict[str, dict] | None = None, seed: int = 0,
-               progress: bool = True, lock: bool = True, independent: bool = False) -> dict:
+               progress: bool = True, lock: bool = True, independent: bool = False, precision: str = "int8") -> dict:
     """Teach the test facts in `rounds` rounds with every method; write `out/summary.json`, `out/stream.png` and
     the sparse methods' patches (`out/patches/<method>/round-<i>.safetensors`) after every method; return the
     summary. `hypers` (method -> TrainConfig fields) defaults to the profile's tuned settings; with `lock` (the
     default), sparse methods keep each round's rows out of later rounds' reach, and with `independent` train each
-    round on the memory without the earlier rounds' rows (`stream_method`)."""
+    round on the memory without the earlier rounds' rows, saving patches in `precision` (`stream_method`)."""
     profile = get_profile(profile)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"Unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
                          f"{', '.join(METHODS)}.")
     split_rounds(split_facts(profile, "test"), rounds)  # a bad --rounds fails before any model is loaded
-    _check_rounds(lock, independent)
+    _check_rounds(lock, independent, precision)
     tuning = None
     if hypers is None:
         hypers, tuning = tuned_settings(profile, methods, progress=progress)
@@ -219,10 +235,10 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
     setup = prepare(profile, "test", seed=seed, progress=progress)
     parts = split_rounds(setup.facts, rounds)
     summary = new_stream_summary(setup, parts, seed, tuning)
-    summary |= {"locked_rounds": lock, "independent_rounds": independent}
+    summary |= {"locked_rounds": lock, "independent_rounds": independent, "patch_precision": precision}
     for method in methods:
         stream = stream_method(setup, parts, method, hypers[method], out / "patches", seed, progress, lock,
-                               independent)
+                               independent, precision)
         if method in SPARSE_METHODS:
             stream.entry["revert"] = revert_summary(setup, parts, stream)
         summary["methods"][method] = stream.entry

@@ -14,6 +14,7 @@ from smf_lib.patches import (
     lock_patch,
     make_patch,
     merge_patches,
+    quantize_patch,
     revert_patch,
     save_patch,
 )
@@ -47,6 +48,29 @@ def test_round_trip_through_a_file_is_bit_exact(trained, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(_values(target), _values(reference)))
     # zero rows replaced by a fresh memory's training are not stored: the file holds the new rows only
     assert (tmp_path / "p.safetensors").stat().st_size < 1.2 * sum(v.numel() * 4 for v in patch.values.values()) + 4096
+
+
+def test_an_int8_patch_is_a_quarter_of_the_bytes_within_half_a_step_and_reverts_bit_for_bit(trained, tmp_path):
+    reference, first, _ = trained
+    exact = save_patch(first, reference, tmp_path / "exact.safetensors")
+    coded = save_patch(first, reference, tmp_path / "int8.safetensors", precision="int8")
+    loaded = load_patch(tmp_path / "int8.safetensors")
+    assert all(torch.equal(loaded.values[i], coded.values[i]) for i in coded.rows)  # what is written is what ships
+    for i in exact.rows:
+        error = (coded.values[i] - exact.values[i]).abs()
+        assert (error <= coded.scales[i][:, None] / 2 * (1 + 1e-5)).all() and error.amax() > 0
+    values = sum(v.numel() for v in exact.values.values())  # float32 bytes per value 4, int8 1 (plus headers)
+    sizes = [(tmp_path / f"{name}.safetensors").stat().st_size for name in ("exact", "int8")]
+    assert sizes[0] - sizes[1] > 0.95 * 3 * values
+    target = apply_patch(copy.deepcopy(reference), loaded)
+    revert_patch(target, loaded)
+    assert all(torch.equal(a, b) for a, b in zip(_values(target), _values(reference)))
+    assert quantize_patch(exact).codes[next(iter(exact.rows))].dtype == torch.int8
+    with pytest.raises(ValueError, match="precision must be one of float32, int8"):
+        save_patch(first, reference, tmp_path / "p.safetensors", precision="int4")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a patch")
+    with pytest.raises(PatchError, match="is not a memory patch"):
+        load_patch(tmp_path / "bad.safetensors")
 
 
 def test_a_mismatched_memory_is_refused(trained, tiny_base, small_memory):

@@ -11,7 +11,7 @@ import torch
 from smf_lib.__main__ import main
 from smf_lib.data import load_facts
 from smf_lib.experiment import prepare, train_method
-from smf_lib.patches import apply_patch, lock_patch, make_patch
+from smf_lib.patches import apply_patch, lock_patch, make_patch, quantize_patch
 from smf_lib.retrofit import memory_layers
 from smf_lib.stream import backward_transfer, format_stream, revert_round, run_stream, split_rounds, stream_method
 
@@ -99,11 +99,23 @@ def test_independent_rounds_train_each_round_on_the_reference_memory(streamed):
     alone = lock_patch(copy.deepcopy(setup.model), first)  # round 1's rows kept out, but not in the memory
     run = train_method(replace(setup, facts=list(parts[1]), model=alone), "smf_kl", HYPERS["smf_kl"],
                        eval_every=1, recall_only=True, progress=False)
-    expected = make_patch(run.model, alone)
+    expected = quantize_patch(make_patch(run.model, alone))  # patches are int8 by default
     for i, rows in second.rows.items():
         assert torch.equal(rows, expected.rows[i]) and torch.equal(second.values[i], expected.values[i])
     both = apply_patch(apply_patch(copy.deepcopy(setup.model), first), second)
     assert all(torch.equal(t, _tables(stream.model)[i]) for i, t in _tables(both).items())
+
+
+def test_float32_patches_are_exact_and_int8_ones_within_half_a_step(streamed):
+    setup, parts, stream = streamed  # int8 patches by default
+    exact = stream_method(setup, parts[:1], "smf_kl", HYPERS["smf_kl"], progress=False, precision="float32")
+    coded, plain = stream.patches[0], exact.patches[0]
+    assert plain.codes is None and coded.codes is not None
+    for i, rows in plain.rows.items():  # the same training; only the saved values differ
+        assert torch.equal(rows, coded.rows[i])
+        assert ((coded.values[i] - plain.values[i]).abs() <= coded.scales[i][:, None] / 2 * (1 + 1e-5)).all()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        stream_method(setup, parts, "smf_kl", HYPERS["smf_kl"], progress=False, precision="int4")
 
 
 def test_rounds_stop_on_recall_checks_alone(streamed):
