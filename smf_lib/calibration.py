@@ -1,5 +1,5 @@
-"""Data-dependent addressing: whiten each memory layer's input so reads spread over all slots, and optionally
-place the sub-keys where the background's queries are."""
+"""Data-dependent addressing: whiten each memory layer's input so reads spread over all slots, optionally only
+along the directions that tell facts apart, and optionally place the sub-keys where the background's queries are."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .data import Fact
 from .retrofit import memory_layers
 from .stats import LayerInputs, layer_inputs
 
@@ -16,6 +17,7 @@ from .stats import LayerInputs, layer_inputs
 def calibrate_queries(
     model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128,
     eps: float = 1e-3, seed: int = 0, progress: bool = True, inputs: LayerInputs | None = None,
+    directions: dict[int, torch.Tensor] | None = None,
 ) -> torch.nn.Module:
     """Set each memory layer's query to a random projection of the *whitened* layer input.
 
@@ -23,7 +25,8 @@ def calibrate_queries(
     projection maps most tokens onto the same few slots, and new facts end up writing into slots that old
     knowledge reads. With `q = R Σ^{-1/2} (x - μ)` (μ, Σ measured on `texts`) every direction counts equally
     and similar-but-different contexts reach different slots. Values stay zero: the model's function is unchanged.
-    `inputs` (from `layer_inputs` on the same texts) skips the pass over them.
+    `inputs` (from `layer_inputs` on the same texts) skips the pass over them. With `directions` (layer index ->
+    (r, dim), from `discriminant_directions`) the query is `R D (x - μ)` instead: it sees only those r directions.
     """
     layers = memory_layers(model)
     if not layers:
@@ -39,11 +42,56 @@ def calibrate_queries(
         cov += eps * cov.diagonal().mean() * torch.eye(dim, dtype=cov.dtype)
         eigvals, eigvecs = torch.linalg.eigh(cov)
         whiten = (eigvecs * eigvals.rsqrt()) @ eigvecs.T
-        projection = torch.randn(m.query.out_features, dim, generator=generator, dtype=torch.float64) / dim**0.5
+        if directions is not None:
+            whiten = directions[m.layer_index].double().cpu()
+        projection = torch.randn(m.query.out_features, len(whiten), generator=generator, dtype=torch.float64)
+        projection /= len(whiten) ** 0.5
         weight = projection @ whiten
         m.query.weight.copy_(weight.to(m.query.weight))
         m.query.bias.copy_((-weight @ mean).to(m.query.bias))
     return model
+
+
+@torch.no_grad()
+def answer_contexts(model: torch.nn.Module, tokenizer, facts: Sequence[Fact]) -> tuple[dict, torch.Tensor]:
+    """Each memory layer's input at the token before each fact's answer, in every training sentence that holds
+    it and in the probe: `(layer index -> contexts x dim, the index of each context's fact)`."""
+    prompts, owner = [], []
+    for k, fact in enumerate(facts):
+        starts = [s.lower().find(fact.answer.lower()) for s in fact.train]
+        found = [s[:i].rstrip() for s, i in zip(fact.train, starts) if i > 0 and s[:i].strip()]
+        prompts += [*found, fact.probe]
+        owner += [k] * (len(found) + 1)
+    inputs = layer_inputs(model, tokenizer, prompts, progress=False)
+    last = torch.searchsorted(inputs.text, torch.arange(len(prompts), device=inputs.text.device), right=True) - 1
+    return {i: x[last] for i, x in inputs.x.items()}, torch.tensor(owner)
+
+
+def discriminant_directions(background: torch.Tensor, contexts: torch.Tensor, owner: torch.Tensor,
+                            rank: int) -> torch.Tensor:
+    """The `rank` directions in which facts' answer contexts differ most from each other, against how much the
+    contexts of one fact (its wordings) and the background vary there (Fisher's discriminant): (rank, dim), each
+    scaled to unit variance over the background.
+
+    Whitening gives every direction of the input the same weight, and a new wording of a question moves the input
+    along many of them, so it reads other slots than the trained wording. Queries built from these directions
+    alone move less with the wording than with the fact (docs/RESULTS.md, "Queries that see what tells facts apart").
+    """
+    n_facts = int(owner.max()) + 1
+    if not 0 < rank < n_facts:
+        raise ValueError(f"query_rank={rank} needs more than {rank} practice facts (there are {n_facts}): the facts' "
+                         "means span at most one direction fewer than there are facts.")
+    x, c = background.double().cpu(), contexts.double().cpu()
+    mean, total = x.mean(0), torch.cov(x.T, correction=0)
+    counts = torch.bincount(owner, minlength=n_facts).double()
+    means = torch.zeros(n_facts, c.shape[1], dtype=c.dtype).index_add_(0, owner, c) / counts[:, None]
+    residual = c - means[owner]
+    within = residual.T @ residual / len(c) + total  # the background's spread keeps rare directions from dominating
+    eigvals, eigvecs = torch.linalg.eigh(within)
+    inverse_root = (eigvecs * eigvals.rsqrt()) @ eigvecs.T
+    _, axes = torch.linalg.eigh(inverse_root @ torch.cov(means.T, correction=0) @ inverse_root)
+    directions = axes[:, -rank:].T @ inverse_root
+    return directions / ((x - mean) @ directions.T).std(0)[:, None]
 
 
 @torch.no_grad()

@@ -115,9 +115,10 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
         background, heal_info = _retrofit_and_heal(model, tokenizer, texts, heldout, known_all, config,
                                                    replace(profile.heal, seed=seed), progress, background_on)
     else:
-        background = prepare_memory(model, tokenizer, texts, config, progress, background_on=background_on)
-    fitted = config.fit_gates and fit_gates(model, tokenizer, practice_facts(given), background, config.fit_gates,
-                                            profile.train, progress)
+        practice = practice_facts(given) if config.query_rank or config.fit_gates else []
+        background = prepare_memory(model, tokenizer, texts, config, progress, background_on, practice=practice)
+    fitted = config.fit_gates and fit_gates(model, tokenizer, practice, background, config.fit_gates, profile.train,
+                                            progress)
     with torch.no_grad():
         diff = (model(**probe).logits - base_logits).abs().max().item()
     layers = memory_layers(model)
@@ -136,8 +137,7 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
                   "known_fact_acc": sum(known_ok) / max(len(known_ok), 1),
                   "known_facts_total": len(known_all), "known_facts_kept_by_base": len(setup.known),
                   "known_facts_firm": int((setup.base_known_nll <= FIRM_ANSWER_NLL).sum())}
-    setup.heal = heal_info
-    return setup
+    return replace(setup, heal=heal_info)
 
 
 def _retrofit_and_heal(model: torch.nn.Module, tokenizer, texts: Sequence[str], heldout: Sequence[str],

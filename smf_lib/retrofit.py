@@ -51,6 +51,7 @@ class MemoryConfig:
     mode: str = "additive"
     key_init: str = "random"     # "kmeans": sub-keys at centroids of the background's queries (calibrate_keys)
     fit_gates: int = 0           # steps of gates.fit_gates on practice facts after calibration (0: random gates)
+    query_rank: int = 0          # r > 0: queries read only the r directions that tell practice facts apart best
     seed: int = 0
 
     @classmethod
@@ -135,6 +136,9 @@ def retrofit(model: nn.Module, config: MemoryConfig | None = None) -> nn.Module:
     if config.fit_gates < 0 or (config.fit_gates and config.mode == "replace"):
         raise RetrofitError(f"fit_gates is a number of steps >= 0, got {config.fit_gates}, and for additive mode "
                             "only: a healed memory's gates carry the replaced MLPs' work.")
+    if config.query_rank < 0 or (config.query_rank and config.mode == "replace"):
+        raise RetrofitError(f"query_rank is a number of directions >= 0, got {config.query_rank}, and for additive "
+                            "mode only: a replace-mode memory's queries are trained by healing.")
     blocks = decoder_layers(model)
     layers = config.resolved_layers(len(blocks))
     dim = model.get_input_embeddings().embedding_dim

@@ -5,9 +5,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from smf_lib.calibration import calibrate_keys, calibrate_queries, spherical_kmeans
-from smf_lib.data import load_background
+from smf_lib.calibration import (
+    answer_contexts,
+    calibrate_keys,
+    calibrate_queries,
+    discriminant_directions,
+    spherical_kmeans,
+)
+from smf_lib.data import load_background, load_facts
 from smf_lib.models import load_base_model
+from smf_lib.pipeline import prepare_memory
 from smf_lib.retrofit import MemoryConfig, RetrofitError, memory_layers, retrofit
 from smf_lib.stats import collect_background, layer_inputs, name_positions
 
@@ -111,3 +118,37 @@ def test_kmeans_keys_need_normalised_queries_in_additive_mode():
         model, _ = load_base_model("tiny")
         with pytest.raises(RetrofitError, match="key_init must be one of"):
             retrofit(model, replace(config, n_keys=16, topk=4, key_dim=32))
+
+
+def test_discriminant_directions_follow_what_tells_facts_apart_not_what_varies_most():
+    generator = torch.Generator().manual_seed(0)
+    background = torch.randn(4000, 6, generator=generator)
+    owner = torch.arange(20).repeat_interleave(5)  # 20 facts, 5 wordings each
+    contexts = torch.randn(100, 6, generator=generator) * 0.1
+    contexts[:, 0] += 3 * torch.randn(20, generator=generator)[owner]  # facts differ along axis 0
+    contexts[:, 1] += 5 * torch.randn(100, generator=generator)  # wordings of one fact differ more, along axis 1
+    found = discriminant_directions(background, contexts, owner, rank=1)
+    unit = found[0] / found[0].norm()
+    assert unit[0].abs() > 0.99
+    assert (background.double() @ found.T).std().item() == pytest.approx(1, abs=0.02)  # unit background variance
+    with pytest.raises(ValueError, match="needs more than 20 practice facts"):
+        discriminant_directions(background, contexts, owner, rank=20)
+
+
+def test_queries_of_rank_r_read_only_the_practice_facts_directions():
+    texts = load_background()[:24]
+    model, tokenizer = load_base_model("tiny")
+    config = MemoryConfig(n_keys=16, topk=4, key_dim=32, query_rank=3)
+    with pytest.raises(ValueError, match="needs practice facts"):
+        prepare_memory(model, tokenizer, texts, config, progress=False)
+    model, tokenizer = load_base_model("tiny")
+    practice = load_facts(split="tune")[:10]
+    prepare_memory(model, tokenizer, texts, config, progress=False, practice=practice)
+    contexts, owner = answer_contexts(model, tokenizer, practice)
+    assert owner.tolist() == sorted(owner.tolist()) and owner.max() == 9
+    assert all(len(c) == len(owner) for c in contexts.values())
+    for m in memory_layers(model):
+        singular = torch.linalg.svdvals(m.query.weight.double())
+        assert int((singular > 1e-4 * singular[0]).sum()) == 3
+    with pytest.raises(RetrofitError, match="query_rank is a number of directions"):
+        retrofit(load_base_model("tiny")[0], replace(config, mode="replace"))
