@@ -32,6 +32,7 @@ from .patches import (
     load_patch,
     lock_patch,
     merge_patches,
+    quantize_patch,
     revert_patch,
     save_patch,
 )
@@ -70,5 +71,5 @@ __all__ = [
     "snapshot", "parameter_changes", "changed_rows", "layer_attribution", "gate_openness",
     # memory patches: a trained fact set as a file to apply, revert and merge
     "MemoryPatch", "PatchError", "save_patch", "load_patch", "apply_patch", "revert_patch", "merge_patches",
-    "lock_patch",
+    "lock_patch", "quantize_patch",
 ]

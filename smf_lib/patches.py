@@ -32,7 +32,7 @@ class PatchError(ValueError):
     """A patch that does not fit this memory, or patches that collide."""
 
 
-PRECISIONS = ("float32", "int8")
+PATCH_PRECISIONS = ("fp32", "int8")
 
 
 @dataclass
@@ -102,16 +102,21 @@ def quantize_patch(patch: MemoryPatch) -> MemoryPatch:
     return MemoryPatch(patch.rows, values, patch.before, patch.addressing, codes, scales)
 
 
+def check_precision(precision: str) -> None:
+    """Refuse a patch precision other than "fp32" or "int8"."""
+    if precision not in PATCH_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PATCH_PRECISIONS)}, got {precision!r}.")
+
+
 def _decode(before: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return before.float() + codes.float() * scales[:, None]
 
 
 def save_patch(model: torch.nn.Module, reference: torch.nn.Module, path: str | Path,
-               precision: str = "float32") -> MemoryPatch:
+               precision: str = "fp32") -> MemoryPatch:
     """Write the rows `model` changed against `reference` to a safetensors file (atomically); return the patch as
-    written. `precision="int8"` stores each row's change in int8 (`quantize_patch`); "float32" stores it exactly."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    written. `precision="int8"` stores each row's change in int8 (`quantize_patch`); "fp32" stores it exactly."""
+    check_precision(precision)
     patch = make_patch(model, reference)
     if precision == "int8":
         patch = quantize_patch(patch)
@@ -130,12 +135,12 @@ def write_patch(patch: MemoryPatch, path: str | Path) -> Path:
         tensors |= {f"rows.{i}": rows, **new, f"before_rows.{i}": rows[kept], f"before.{i}": patch.before[i][kept]}
     meta = {"addressing": patch.addressing, "layers": json.dumps(sorted(patch.rows)),
             "dims": json.dumps({i: v.shape[1] for i, v in patch.values.items()}),
-            "precision": "int8" if patch.codes is not None else "float32"}
+            "precision": "int8" if patch.codes is not None else "fp32"}
     return save_tensors(tensors, path, meta)
 
 
 def load_patch(path: str | Path) -> MemoryPatch:
-    """Read a patch written by `save_patch` (float32 or int8)."""
+    """Read a patch written by `save_patch` (fp32 or int8)."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}

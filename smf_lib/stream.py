@@ -25,9 +25,9 @@ from .evaluation import complete, hit_rate
 from .experiment import Setup, evaluate, prepare, split_facts, train_method
 from .files import save_figure, write_json
 from .patches import (
-    PRECISIONS,
     MemoryPatch,
     apply_patch,
+    check_precision,
     lock_patch,
     make_patch,
     quantize_patch,
@@ -103,7 +103,7 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     round trains with the earlier rounds' rows taken out, which go back in after it: no round's rows are fitted
     around another's, so reverting one leaves the others as they would be without it, but stacked they interfere
     (docs/RESULTS.md, "Rounds trained apart, then stacked"). Patches are saved in `precision` ("int8", a quarter
-    of float32's bytes, or "float32", exact; `quantize_patch`), and each round continues from the rows saved.
+    of float32's bytes, or "fp32", exact; `quantize_patch`), and each round continues from the rows saved.
     """
     _check_rounds(lock, independent, precision)
     sparse = method in SPARSE_METHODS
@@ -137,8 +137,7 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
 
 def _check_rounds(lock: bool, independent: bool, precision: str) -> None:
     """Refuse independent rounds without locks, and an unknown patch precision."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    check_precision(precision)
     if independent and not lock:
         raise ValueError("Independent rounds need locked rounds: a round trained apart must not write the rows of "
                          "the rounds taken out while it trains; pass lock=True.")

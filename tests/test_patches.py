@@ -66,7 +66,7 @@ def test_an_int8_patch_is_a_quarter_of_the_bytes_within_half_a_step_and_reverts_
     revert_patch(target, loaded)
     assert all(torch.equal(a, b) for a, b in zip(_values(target), _values(reference)))
     assert quantize_patch(exact).codes[next(iter(exact.rows))].dtype == torch.int8
-    with pytest.raises(ValueError, match="precision must be one of float32, int8"):
+    with pytest.raises(ValueError, match="precision must be one of fp32, int8"):
         save_patch(first, reference, tmp_path / "p.safetensors", precision="int4")
     (tmp_path / "bad.safetensors").write_bytes(b"not a patch")
     with pytest.raises(PatchError, match="is not a memory patch"):

@@ -106,9 +106,9 @@ def test_independent_rounds_train_each_round_on_the_reference_memory(streamed):
     assert all(torch.equal(t, _tables(stream.model)[i]) for i, t in _tables(both).items())
 
 
-def test_float32_patches_are_exact_and_int8_ones_within_half_a_step(streamed):
+def test_fp32_patches_are_exact_and_int8_ones_within_half_a_step(streamed):
     setup, parts, stream = streamed  # int8 patches by default
-    exact = stream_method(setup, parts[:1], "smf_kl", HYPERS["smf_kl"], progress=False, precision="float32")
+    exact = stream_method(setup, parts[:1], "smf_kl", HYPERS["smf_kl"], progress=False, precision="fp32")
     coded, plain = stream.patches[0], exact.patches[0]
     assert plain.codes is None and coded.codes is not None
     for i, rows in plain.rows.items():  # the same training; only the saved values differ
