@@ -51,7 +51,7 @@ class MemoryConfig:
     mode: str = "additive"
     key_init: str = "random"     # "kmeans": sub-keys at centroids of the background's queries (calibrate_keys)
     fit_gates: int = 0           # steps of gates.fit_gates on practice facts after calibration (0: random gates)
-    query_rank: int = 0          # r > 0: queries read only the r directions that tell practice facts apart best
+    query_rank: int = 0          # r > 0: queries from the r directions that tell practice facts apart (forgot more)
     seed: int = 0
 
     @classmethod
