@@ -37,19 +37,26 @@ def calibrate_queries(
     generator = torch.Generator().manual_seed(seed)
     for m in layers:
         x = inputs.x[m.layer_index].double().cpu()
-        dim, mean = x.shape[1], x.mean(0)
-        cov = torch.cov(x.T, correction=0)
-        cov += eps * cov.diagonal().mean() * torch.eye(dim, dtype=cov.dtype)
-        eigvals, eigvecs = torch.linalg.eigh(cov)
-        whiten = (eigvecs * eigvals.rsqrt()) @ eigvecs.T
-        if directions is not None:
-            whiten = directions[m.layer_index].double().cpu()
+        mean = x.mean(0)
+        whiten = directions[m.layer_index].double().cpu() if directions is not None else _whitening(x, eps)
         projection = torch.randn(m.query.out_features, len(whiten), generator=generator, dtype=torch.float64)
         projection /= len(whiten) ** 0.5
         weight = projection @ whiten
         m.query.weight.copy_(weight.to(m.query.weight))
         m.query.bias.copy_((-weight @ mean).to(m.query.bias))
     return model
+
+
+def _whitening(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Σ^{-1/2} of the rows of `x`, with `eps` times the mean variance added to the diagonal."""
+    cov = torch.cov(x.T, correction=0)
+    return _inverse_root(cov + eps * cov.diagonal().mean() * torch.eye(x.shape[1], dtype=cov.dtype))
+
+
+def _inverse_root(matrix: torch.Tensor) -> torch.Tensor:
+    """M^{-1/2} of a symmetric positive definite matrix."""
+    eigvals, eigvecs = torch.linalg.eigh(matrix)
+    return (eigvecs * eigvals.rsqrt()) @ eigvecs.T
 
 
 @torch.no_grad()
@@ -87,8 +94,7 @@ def discriminant_directions(background: torch.Tensor, contexts: torch.Tensor, ow
     means = torch.zeros(n_facts, c.shape[1], dtype=c.dtype).index_add_(0, owner, c) / counts[:, None]
     residual = c - means[owner]
     within = residual.T @ residual / len(c) + total  # the background's spread keeps rare directions from dominating
-    eigvals, eigvecs = torch.linalg.eigh(within)
-    inverse_root = (eigvecs * eigvals.rsqrt()) @ eigvecs.T
+    inverse_root = _inverse_root(within)
     _, axes = torch.linalg.eigh(inverse_root @ torch.cov(means.T, correction=0) @ inverse_root)
     directions = axes[:, -rank:].T @ inverse_root
     return directions / ((x - mean) @ directions.T).std(0)[:, None]
