@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("--out", default=None, help="output folder (default results/stream-<profile>/)")
     stream.add_argument("--share-rows", action="store_true",
                         help="let a round rewrite earlier rounds' memory rows (default: each round's rows are locked)")
+    stream.add_argument("--round-dropout", type=float, default=None, metavar="P",
+                        help="take each earlier round's patch out at a training step with probability P "
+                             "(default 0.5 with locked rounds, else 0)")
     bench.add_argument("--out", default=None, help="output file (default results/bench-<profile>.json)")
     return parser
 
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stream":
             from .stream import format_stream, run_stream
 
-            print(format_stream(run_stream(profile, args.methods, args.rounds, args.out, lock=not args.share_rows)))
+            print(format_stream(run_stream(profile, args.methods, args.rounds, args.out, lock=not args.share_rows,
+                                           round_dropout=args.round_dropout)))
             print(f"Results written to {args.out or f'results/stream-{profile}/'}")
         else:
             from .bench import format_table, run_bench

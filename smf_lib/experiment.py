@@ -7,7 +7,7 @@ import copy
 import itertools
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,15 +33,13 @@ from .healing import HealConfig, heal
 from .models import default_device, load_base_model
 from .pipeline import prepare_memory
 from .profiles import Profile, get_profile
-from .report import combine_seeds, write_results
+from .report import at_matched_recall, combine_seeds, write_results
 from .retrofit import MemoryConfig, memory_layers, retrofit
 from .stats import SlotStats, collect_background
 from .timing import peak_memory_mb, reset_peak_memory
 from .training import METHODS, train
 
 DEFAULT_METHODS = ("smf_kl", "smf_tfidf", "full_ft", "lora")
-MATCHED_KEYS = ("paraphrase_recall", "ppl_increase_pct", "known_fact_drop_pct", "known_fact_drop_firm_pct",
-                "known_nll_increase")
 # A known fact is firmly known when the base model's answer loss is at most this (nats per answer token, a mean
 # token probability of 0.37 or more); the others are near ties, which any small change of the model can flip.
 FIRM_ANSWER_NLL = 1.0
@@ -257,20 +255,6 @@ def step_zero(setup: Setup) -> dict:
             **({"known_fact_drop_firm_pct": 0.0} if base.get("known_facts_firm") else {})}
 
 
-def at_matched_recall(checkpoints: Sequence[dict], target: float) -> dict | None:
-    """Each figure linearly interpolated in fact recall at `target`, between the last checkpoint below it and the
-    first at or above it (step 0 included; figures that either lacks are left out); None when none reached it."""
-    if checkpoints and checkpoints[0]["fact_recall"] >= target:  # known before any training
-        return {"recall": checkpoints[0]["fact_recall"], "step": 0,
-                **{k: checkpoints[0][k] for k in MATCHED_KEYS if k in checkpoints[0]}}
-    for before, after in zip(checkpoints, checkpoints[1:]):
-        if after["fact_recall"] >= target > before["fact_recall"]:
-            w = (target - before["fact_recall"]) / (after["fact_recall"] - before["fact_recall"])
-            return {"recall": target, "step": before["step"] + w * (after["step"] - before["step"]),
-                    **{k: before[k] + w * (after[k] - before[k]) for k in MATCHED_KEYS if k in before and k in after}}
-    return None
-
-
 @dataclass
 class MethodRun:
     """One method trained to matched learning: its model, checkpoints (step 0 first) and cost."""
@@ -287,15 +271,18 @@ class MethodRun:
 
 def train_method(setup: Setup, method: str, hyper: dict, max_steps: int | None = None,
                  eval_every: int | None = None, target: float | None = None, seed: int = 0,
-                 progress: bool = True, recall_only: bool = False) -> MethodRun:
+                 progress: bool = True, recall_only: bool = False,
+                 arrange: Callable[[torch.nn.Module, bool], None] | None = None) -> MethodRun:
     """Train a copy of the setup's model with `hyper` (TrainConfig fields, e.g. lr, loss_on) until fact recall
     reaches `target` or `max_steps` run out.
 
     Learning and forgetting are measured every `eval_every` steps, twice as often once recall is within 0.3 of
     the target, so that the figures at matched recall are interpolated between close checkpoints; with
     `recall_only` a checkpoint measures fact recall alone (enough to stop at the target, and far cheaper).
-    Evaluation time is not counted in `train_seconds`. On a GPU the setup's model, needed again only for the final
-    scores' KL, waits in host memory meanwhile: 2 GB of a T4's 15 for Qwen2.5-0.5B.
+    `arrange(model, training)`, if given, sets the model up before every step (`training=True`) and before every
+    checkpoint, the last included (`False`). Evaluation time is not counted in `train_seconds`. On a GPU the
+    setup's model, needed again only for the final scores' KL, waits in host memory meanwhile: 2 GB of a T4's 15
+    for Qwen2.5-0.5B.
     """
     sizes = setup.profile.run
     max_steps, eval_every = max_steps or sizes.max_steps, eval_every or sizes.eval_every
@@ -305,7 +292,9 @@ def train_method(setup: Setup, method: str, hyper: dict, max_steps: int | None =
     def checkpoint(step: int, model: torch.nn.Module) -> dict | None:
         nonlocal eval_seconds, next_eval, peak
         if step < next_eval and step != max_steps:
+            arrange(model, True)
             return None
+        arrange(model, False)
         peak = max(peak, peak_memory_mb(device))  # training's peak so far; evaluation's own is not counted
         start = time.perf_counter()
         scores = ({"fact_recall": fact_recall(model, setup.tokenizer, setup.facts)} if recall_only
@@ -313,6 +302,8 @@ def train_method(setup: Setup, method: str, hyper: dict, max_steps: int | None =
         eval_seconds += time.perf_counter() - start
         next_eval = step + (max(eval_every // 2, 1) if scores["fact_recall"] >= target - 0.3 else eval_every)
         reset_peak_memory(device)
+        if scores["fact_recall"] < target and step != max_steps:
+            arrange(model, True)
         return {**scores, "stop": scores["fact_recall"] >= target}
 
     config = replace(setup.profile.train, **{"method": method, "steps": max_steps, "seed": seed, "lr": None, **hyper})
@@ -325,6 +316,8 @@ def train_method(setup: Setup, method: str, hyper: dict, max_steps: int | None =
     start = time.perf_counter()
     home = next(setup.model.parameters()).device
     model = copy.deepcopy(setup.model.to("cpu")).to(home)  # never two copies on the GPU
+    arrange = arrange or (lambda model, training: None)
+    arrange(model, True)
     try:
         model, history = train(model, setup.tokenizer, setup.facts, config, background=background,
                                callback=checkpoint, progress=progress)

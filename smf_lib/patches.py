@@ -181,22 +181,27 @@ def _check(model: torch.nn.Module, patch: MemoryPatch, expected: dict[int, torch
 
 
 @torch.no_grad()
-def _swap(model: torch.nn.Module, patch: MemoryPatch, old: dict, new: dict, what: str) -> torch.nn.Module:
-    """Check that the patch's rows hold `old`, then write `new` into them."""
-    tables = _check(model, patch, old, what)
+def _swap(model: torch.nn.Module, patch: MemoryPatch, old: dict, new: dict, what: str,
+          check: bool) -> torch.nn.Module:
+    """Check that the patch's rows hold `old` (unless told not to), then write `new` into them."""
+    tables = _check(model, patch, old, what) if check else _tables(model)
     for i, rows in patch.rows.items():
         tables[i][rows.to(tables[i].device)] = new[i].to(tables[i])
     return model
 
 
-def apply_patch(model: torch.nn.Module, patch: MemoryPatch) -> torch.nn.Module:
-    """Write the patch's rows into `model`'s memory; its rows must still hold what the patch replaced."""
-    return _swap(model, patch, patch.before, patch.values, "apply this patch")
+def apply_patch(model: torch.nn.Module, patch: MemoryPatch, check: bool = True) -> torch.nn.Module:
+    """Write the patch's rows into `model`'s memory; its rows must still hold what the patch replaced.
+
+    `check=False` skips the checks (addressing and current rows), for a patch swapped in and out at every step of
+    a training that cannot touch its rows (`lock_patch`)."""
+    return _swap(model, patch, patch.before, patch.values, "apply this patch", check)
 
 
-def revert_patch(model: torch.nn.Module, patch: MemoryPatch) -> torch.nn.Module:
-    """Put back the rows the patch replaced, bit for bit; its rows must still hold the patch's values."""
-    return _swap(model, patch, patch.values, patch.before, "revert this patch")
+def revert_patch(model: torch.nn.Module, patch: MemoryPatch, check: bool = True) -> torch.nn.Module:
+    """Put back the rows the patch replaced, bit for bit; its rows must still hold the patch's values (`check`
+    as for `apply_patch`)."""
+    return _swap(model, patch, patch.values, patch.before, "revert this patch", check)
 
 
 def lock_patch(model: torch.nn.Module, patch: MemoryPatch, locked: bool = True) -> torch.nn.Module:

@@ -1,5 +1,5 @@
-"""The run's report: several seeds' summaries combined, the comparison tables (report.md), the
-learning-vs-forgetting figure (pareto.png), and the table of a tuning run."""
+"""The run's report: figures at matched recall, several seeds' summaries combined, the comparison tables
+(report.md), the learning-vs-forgetting figure (pareto.png), and the table of a tuning run."""
 
 from __future__ import annotations
 
@@ -26,6 +26,23 @@ FINAL = [("fact_recall", "fact recall", "{:.2f}"), ("paraphrase_recall", "paraph
          ("answer_bleed_pct", "answer bleed %", "{:.1f}"),
          ("steps", "steps", "{:.0f}"), ("params_changed", "params changed", "{:,.0f}"),
          ("train_seconds", "train s", "{:.0f}"), ("peak_rss_mb", "peak MB", "{:,.0f}")]
+
+MATCHED_KEYS = ("paraphrase_recall", "ppl_increase_pct", "known_fact_drop_pct", "known_fact_drop_firm_pct",
+                "known_nll_increase")
+
+
+def at_matched_recall(checkpoints: Sequence[dict], target: float) -> dict | None:
+    """Each figure linearly interpolated in fact recall at `target`, between the last checkpoint below it and the
+    first at or above it (step 0 included; figures that either lacks are left out); None when none reached it."""
+    if checkpoints and checkpoints[0]["fact_recall"] >= target:  # known before any training
+        return {"recall": checkpoints[0]["fact_recall"], "step": 0,
+                **{k: checkpoints[0][k] for k in MATCHED_KEYS if k in checkpoints[0]}}
+    for before, after in zip(checkpoints, checkpoints[1:]):
+        if after["fact_recall"] >= target > before["fact_recall"]:
+            w = (target - before["fact_recall"]) / (after["fact_recall"] - before["fact_recall"])
+            return {"recall": target, "step": before["step"] + w * (after["step"] - before["step"]),
+                    **{k: before[k] + w * (after[k] - before[k]) for k in MATCHED_KEYS if k in before and k in after}}
+    return None
 
 
 def combine_seeds(runs: Sequence[dict]) -> dict:

@@ -42,6 +42,9 @@ from .training import METHODS, SPARSE_METHODS
 from .tuning import tuned_settings
 
 STREAM_METHODS = ("smf_kl", "full_ft", "lora")
+# Each earlier round's patch is out at a training step with this probability (`RoundDropout`): chosen on the tune
+# split, where reverting round 1 then kept every other round (docs/RESULTS.md, "Round dropout").
+ROUND_DROPOUT = 0.5
 BASE_KEYS = ("fact_recall", "paraphrase_recall", "heldout_ppl", "known_fact_acc")
 
 
@@ -79,6 +82,25 @@ def memory_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in memory_state(model).values())
 
 
+class RoundDropout:
+    """While a round trains, each earlier round's patch is out of the memory at each step with probability `rate`
+    (all are in at checkpoints and at the end): the round learns to answer with any earlier round reverted, so
+    reverting one takes less from the rounds after it. The earlier rounds' rows must be locked (`lock_patch`)."""
+
+    def __init__(self, patches: Sequence[MemoryPatch], rate: float, seed: int) -> None:
+        self.patches, self.rate = list(patches), rate
+        self.generator = torch.Generator().manual_seed(seed)
+        self.installed = [True] * len(self.patches)
+
+    def __call__(self, model: torch.nn.Module, training: bool) -> None:
+        draw = torch.rand(len(self.patches), generator=self.generator) >= self.rate
+        wanted = draw.tolist() if training else [True] * len(self.patches)
+        for patch, now, want in zip(self.patches, self.installed, wanted):
+            if now != want:
+                (apply_patch if want else revert_patch)(model, patch, check=False)  # locked: nothing moved them
+        self.installed = wanted
+
+
 @dataclass
 class MethodStream:
     """One method taught round after round: the final model, each round's memory patch (sparse methods only) and
@@ -91,7 +113,8 @@ class MethodStream:
 
 def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hyper: dict,
                   patch_dir: str | Path | None = None, seed: int = 0, progress: bool = True,
-                  lock: bool = True, independent: bool = False, precision: str = "int8") -> MethodStream:
+                  lock: bool = True, independent: bool = False, precision: str = "int8",
+                  round_dropout: float | None = None) -> MethodStream:
     """Train `method` on each part in turn, each round from the previous round's model, and score after each.
 
     A round stops at the profile's target recall on its own facts, checked every third of the profile's
@@ -102,10 +125,13 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     round 1 kept a third of its recall; docs/RESULTS.md). With `independent` (sparse methods; needs `lock`) each
     round trains with the earlier rounds' rows taken out, which go back in after it: no round's rows are fitted
     around another's, so reverting one leaves the others as they would be without it, but stacked they interfere
-    (docs/RESULTS.md, "Rounds trained apart, then stacked"). Patches are saved in `precision` ("int8", a quarter
-    of float32's bytes, or "fp32", exact; `quantize_patch`), and each round continues from the rows saved.
+    (docs/RESULTS.md, "Rounds trained apart, then stacked"). With `round_dropout` (sparse methods; needs `lock`)
+    each earlier round's patch is out at each training step with that probability (`RoundDropout`; None:
+    ROUND_DROPOUT for locked rounds trained in sequence, else 0). Patches are
+    saved in `precision` ("int8", a quarter of float32's bytes, or "fp32", exact; `quantize_patch`), and each
+    round continues from the rows saved.
     """
-    _check_rounds(lock, independent, precision)
+    round_dropout = _check_rounds(lock, independent, precision, round_dropout)
     sparse = method in SPARSE_METHODS
     eval_every = max(setup.profile.run.eval_every // 3, 1)  # checkpoints measure recall only: they can be frequent
     entry: dict = {"hyper": hyper, "retention": [], "known_fact_drop_pct": [], "ppl_increase_pct": [],
@@ -117,8 +143,9 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     for j in tqdm(range(len(parts)), desc=f"{method} rounds", disable=not progress):
         for earlier in patches if set_aside else ():
             revert_patch(current, earlier)  # still locked: this round writes other rows
+        dropout = RoundDropout(patches, round_dropout, seed + j) if sparse and round_dropout else None
         run = train_method(replace(setup, facts=list(parts[j]), model=current), method, hyper, seed=seed,
-                           eval_every=eval_every, progress=progress, recall_only=True)
+                           eval_every=eval_every, progress=progress, recall_only=True, arrange=dropout)
         if sparse:
             patch, size = _round_patch(run.model, current, patch_dir, method, j, precision)
             if lock:
@@ -135,12 +162,19 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     return MethodStream(current, patches, entry)
 
 
-def _check_rounds(lock: bool, independent: bool, precision: str) -> None:
-    """Refuse independent rounds without locks, and an unknown patch precision."""
+def _check_rounds(lock: bool, independent: bool, precision: str, round_dropout: float | None = None) -> float:
+    """The round dropout to use (None: the default for these rounds); refuse independent rounds or round dropout
+    without locks, both at once, and an unknown patch precision."""
     check_precision(precision)
-    if independent and not lock:
-        raise ValueError("Independent rounds need locked rounds: a round trained apart must not write the rows of "
-                         "the rounds taken out while it trains; pass lock=True.")
+    if round_dropout is None:
+        round_dropout = ROUND_DROPOUT if lock and not independent else 0.0
+    if (independent or round_dropout) and not lock:
+        raise ValueError("Independent rounds and round dropout need locked rounds: a round must not write the rows "
+                         "of the rounds taken out while it trains; pass lock=True.")
+    if not 0 <= round_dropout <= 1 or (independent and round_dropout):
+        raise ValueError(f"round_dropout must lie in [0, 1] and does not combine with independent rounds (which "
+                         f"keep every earlier round out), got {round_dropout}.")
+    return round_dropout
 
 
 def _round_patch(model: torch.nn.Module, before: torch.nn.Module, patch_dir: str | Path | None, method: str,
@@ -197,29 +231,35 @@ def revert_summary(setup: Setup, parts: Sequence[Sequence[Fact]], stream: Method
 def new_stream_summary(setup: Setup, parts: Sequence[Sequence[Fact]], seed: int, tuning: dict | None) -> dict:
     """The stream summary before any method is added (the result-file contract's top level)."""
     taught = {f.id for part in parts for f in part}
-    return {"profile": setup.profile.name, "model": setup.profile.model, "seed": seed, "rounds": len(parts),
-            "facts_per_round": len(parts[0]), "round_fact_ids": [[f.id for f in part] for part in parts],
+    return {"profile": setup.profile.name, "model": setup.profile.model, "seed": seed, "split": setup.split,
+            "rounds": len(parts), "facts_per_round": len(parts[0]),
+            "round_fact_ids": [[f.id for f in part] for part in parts],
             "facts_left_out": [f.id for f in setup.facts if f.id not in taught],
-            "test_known": len(setup.known), "memory_bytes": memory_bytes(setup.model),
+            "known": len(setup.known), "memory_bytes": memory_bytes(setup.model),
             "base": {k: setup.base[k] for k in BASE_KEYS},
             "hyperparameters_from": (tuning or {}).get("source", "given"), "methods": {}}
 
 
 def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = STREAM_METHODS, rounds: int = 5,
                out: str | Path | None = None, hypers: dict[str, dict] | None = None, seed: int = 0,
-               progress: bool = True, lock: bool = True, independent: bool = False, precision: str = "int8") -> dict:
-    """Teach the test facts in `rounds` rounds with every method; write `out/summary.json`, `out/stream.png` and
-    the sparse methods' patches (`out/patches/<method>/round-<i>.safetensors`) after every method; return the
-    summary. `hypers` (method -> TrainConfig fields) defaults to the profile's tuned settings; with `lock` (the
-    default), sparse methods keep each round's rows out of later rounds' reach, and with `independent` train each
-    round on the memory without the earlier rounds' rows, saving patches in `precision` (`stream_method`)."""
+               progress: bool = True, lock: bool = True, independent: bool = False, precision: str = "int8",
+               round_dropout: float | None = None, split: str = "test") -> dict:
+    """Teach the split's facts (the test facts; "tune" to choose settings) in `rounds` rounds with every method;
+    write `out/summary.json`, `out/stream.png` and the sparse methods' patches
+    (`out/patches/<method>/round-<i>.safetensors`) after every method; return the summary.
+
+    `hypers` (method -> TrainConfig fields) defaults to the profile's tuned settings; with `lock` (the default),
+    sparse methods keep each round's rows out of later rounds' reach, and with `independent` train each round on
+    the memory without the earlier rounds' rows, or with `round_dropout` with each out at a step with that
+    probability (None: ROUND_DROPOUT for locked rounds trained in sequence); patches are saved in `precision`
+    (`stream_method`)."""
     profile = get_profile(profile)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"Unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
                          f"{', '.join(METHODS)}.")
-    split_rounds(split_facts(profile, "test"), rounds)  # a bad --rounds fails before any model is loaded
-    _check_rounds(lock, independent, precision)
+    split_rounds(split_facts(profile, split), rounds)  # a bad --rounds fails before any model is loaded
+    round_dropout = _check_rounds(lock, independent, precision, round_dropout)
     tuning = None
     if hypers is None:
         hypers, tuning = tuned_settings(profile, methods, progress=progress)
@@ -231,13 +271,14 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
                          "MemoryConfig(fit_gates=N), do fit).")
     out = Path(out or Path("results") / f"stream-{profile.name}")
     started = time.perf_counter()
-    setup = prepare(profile, "test", seed=seed, progress=progress)
+    setup = prepare(profile, split, seed=seed, progress=progress)
     parts = split_rounds(setup.facts, rounds)
     summary = new_stream_summary(setup, parts, seed, tuning)
-    summary |= {"locked_rounds": lock, "independent_rounds": independent, "patch_precision": precision}
+    summary |= {"locked_rounds": lock, "independent_rounds": independent, "patch_precision": precision,
+                "round_dropout": round_dropout}
     for method in methods:
         stream = stream_method(setup, parts, method, hypers[method], out / "patches", seed, progress, lock,
-                               independent, precision)
+                               independent, precision, round_dropout)
         if method in SPARSE_METHODS:
             stream.entry["revert"] = revert_summary(setup, parts, stream)
         summary["methods"][method] = stream.entry

@@ -16,9 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from .data import DATA_DIR
-from .experiment import DEFAULT_METHODS, MATCHED_KEYS, at_matched_recall, prepare, train_method
+from .experiment import DEFAULT_METHODS, prepare, train_method
 from .files import write_json
 from .profiles import Profile, get_profile
+from .report import MATCHED_KEYS, at_matched_recall
 from .training import DEFAULT_LR, DENSE_METHODS
 
 

@@ -5,9 +5,8 @@ import pytest
 
 from smf_lib import experiment, report, tuning
 from smf_lib.data import load_facts, load_known_facts
-from smf_lib.experiment import at_matched_recall
 from smf_lib.profiles import REPLACE_LR_GRID, get_profile
-from smf_lib.report import combine_seeds
+from smf_lib.report import at_matched_recall, combine_seeds
 from smf_lib.tuning import choose
 
 

@@ -13,7 +13,16 @@ from smf_lib.data import load_facts
 from smf_lib.experiment import prepare, train_method
 from smf_lib.patches import apply_patch, lock_patch, make_patch, quantize_patch
 from smf_lib.retrofit import memory_layers
-from smf_lib.stream import backward_transfer, format_stream, revert_round, run_stream, split_rounds, stream_method
+from smf_lib.stream import (
+    ROUND_DROPOUT,
+    RoundDropout,
+    backward_transfer,
+    format_stream,
+    revert_round,
+    run_stream,
+    split_rounds,
+    stream_method,
+)
 
 HYPERS = {"smf_kl": {"lr": 3.0}, "full_ft": {"lr": 1e-2}}  # tiny's rates: no tuning needed here
 
@@ -29,15 +38,16 @@ def summary(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def streamed():
-    """The setup, its two rounds of facts, and smf_kl taught round after round."""
+    """The setup, its two rounds of facts, and smf_kl taught round after round, every earlier round in."""
     setup = prepare("tiny", "test", progress=False)
     parts = split_rounds(setup.facts, 2)
-    return setup, parts, stream_method(setup, parts, "smf_kl", HYPERS["smf_kl"], progress=False)
+    return setup, parts, stream_method(setup, parts, "smf_kl", HYPERS["smf_kl"], progress=False, round_dropout=0)
 
 
 def test_summary_holds_a_lower_triangular_retention_matrix(summary):
     out, s = summary
     assert (s["rounds"], s["facts_per_round"], s["profile"], s["locked_rounds"]) == (2, 3, "tiny", True)
+    assert (s["split"], s["round_dropout"]) == ("test", ROUND_DROPOUT)
     assert set(s["methods"]) == set(HYPERS) and (out / "stream.png").stat().st_size > 0
     for entry in s["methods"].values():
         assert [len(row) for row in entry["retention"]] == [1, 2]  # after round j: rounds 0..j
@@ -106,6 +116,22 @@ def test_independent_rounds_train_each_round_on_the_reference_memory(streamed):
     assert all(torch.equal(t, _tables(stream.model)[i]) for i, t in _tables(both).items())
 
 
+def test_round_dropout_takes_earlier_rounds_out_at_training_steps_only(streamed):
+    setup, parts, sequential = streamed
+    model, first = copy.deepcopy(sequential.model), sequential.patches[0]
+    reference, final = _tables(setup.model), _tables(sequential.model)
+    dropout = RoundDropout([first], 1.0, seed=0)
+    dropout(model, True)  # a training step: round 0 is out
+    assert all(torch.equal(t[first.rows[i]], reference[i][first.rows[i]]) for i, t in _tables(model).items())
+    dropout(model, False)  # a checkpoint: every round is in
+    assert all(torch.equal(t, final[i]) for i, t in _tables(model).items())
+    stream = stream_method(setup, parts, "smf_kl", HYPERS["smf_kl"], progress=False)  # round dropout by default
+    assert all(torch.equal(stream.patches[0].values[i], first.values[i]) for i in first.rows)  # nothing before it
+    assert any(not torch.equal(stream.patches[1].values[i], sequential.patches[1].values[i]) for i in first.rows)
+    both = apply_patch(apply_patch(copy.deepcopy(setup.model), stream.patches[0]), stream.patches[1])
+    assert all(torch.equal(t, _tables(stream.model)[i]) for i, t in _tables(both).items())  # both in at the end
+
+
 def test_fp32_patches_are_exact_and_int8_ones_within_half_a_step(streamed):
     setup, parts, stream = streamed  # int8 patches by default
     exact = stream_method(setup, parts[:1], "smf_kl", HYPERS["smf_kl"], progress=False, precision="fp32")
@@ -138,9 +164,11 @@ def test_split_rounds_gives_equal_consecutive_parts():
     assert [len(p) for p in parts] == [2, 2, 2] and [f for p in parts for f in p] == facts[:6]
 
 
-@pytest.mark.parametrize("rounds, message", [("0", "at least 1"), ("7", "need at least 7 facts")])
-def test_bad_rounds_fail_with_a_clear_error(rounds, message, capsys, tmp_path):
-    assert main(["stream", "--profile", "tiny", "--rounds", rounds, "--out", str(tmp_path)]) == 2
+@pytest.mark.parametrize("option, message", [(["--rounds", "0"], "at least 1"),
+                                             (["--rounds", "7"], "need at least 7 facts"),
+                                             (["--round-dropout", "2"], "must lie in [0, 1]")])
+def test_bad_rounds_fail_with_a_clear_error(option, message, capsys, tmp_path):
+    assert main(["stream", "--profile", "tiny", *option, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
@@ -152,8 +180,10 @@ def test_a_stream_with_trained_gates_is_refused_before_anything_loads(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_independent_rounds_without_locks_are_refused_before_anything_loads(tmp_path):
-    with pytest.raises(ValueError, match="need locked rounds"):
-        run_stream("tiny", ["smf_kl"], rounds=2, out=tmp_path, hypers=HYPERS, progress=False, lock=False,
-                   independent=True)
+@pytest.mark.parametrize("options, message", [
+    ({"lock": False, "independent": True}, "need locked rounds"), ({"lock": False, "round_dropout": 0.5}, "locked"),
+    ({"independent": True, "round_dropout": 0.5}, "does not combine"), ({"round_dropout": 1.5}, r"in \[0, 1\]")])
+def test_rounds_that_cannot_be_taken_apart_are_refused_before_anything_loads(options, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run_stream("tiny", ["smf_kl"], rounds=2, out=tmp_path, hypers=HYPERS, progress=False, **options)
     assert not any(tmp_path.iterdir())
