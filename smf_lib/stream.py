@@ -127,9 +127,8 @@ def stream_method(setup: Setup, parts: Sequence[Sequence[Fact]], method: str, hy
     around another's, so reverting one leaves the others as they would be without it, but stacked they interfere
     (docs/RESULTS.md, "Rounds trained apart, then stacked"). With `round_dropout` (sparse methods; needs `lock`)
     each earlier round's patch is out at each training step with that probability (`RoundDropout`; None:
-    ROUND_DROPOUT for locked rounds trained in sequence, else 0). Patches are
-    saved in `precision` ("int8", a quarter of float32's bytes, or "fp32", exact; `quantize_patch`), and each
-    round continues from the rows saved.
+    ROUND_DROPOUT for locked rounds trained in sequence, else 0). Patches are saved in `precision` ("int8", a
+    quarter of float32's bytes, or "fp32", exact; `quantize_patch`), and each round continues from the rows saved.
     """
     round_dropout = _check_rounds(lock, independent, precision, round_dropout)
     sparse = method in SPARSE_METHODS
