@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("--methods", type=_methods, default=["smf_kl", "full_ft", "lora"],
                         help="comma-separated: smf_kl, smf_tfidf, smf_random, full_ft, lora")
     stream.add_argument("--rounds", type=int, default=5, help="rounds the test facts arrive in (default 5)")
+    stream.add_argument("--facts-per-round", type=int, default=None, metavar="N",
+                        help="facts taught in each round (default: the profile's, 20 on cpu; else all shared out)")
     stream.add_argument("--out", default=None, help="output folder (default results/stream-<profile>/)")
     stream.add_argument("--share-rows", action="store_true",
                         help="let a round rewrite earlier rounds' memory rows (default: each round's rows are locked)")
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             from .stream import format_stream, run_stream
 
             print(format_stream(run_stream(profile, args.methods, args.rounds, args.out, lock=not args.share_rows,
-                                           round_dropout=args.round_dropout)))
+                                           round_dropout=args.round_dropout, facts_per_round=args.facts_per_round)))
             print(f"Results written to {args.out or f'results/stream-{profile}/'}")
         else:
             from .bench import format_table, run_bench

@@ -126,7 +126,7 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
                      **({"fit_gates": fitted} if fitted else {})}
     facts = augment_facts(given, augment, model, tokenizer, seed)
     setup = Setup(profile, split, model, tokenizer, facts, known_all, heldout, background, {}, None, retrofit_info)
-    step0, known_ok, known_nll, setup.base_texts = _scores(setup, model, full=True)
+    step0, known_ok, known_nll, setup.base_texts, _ = _scores(setup, model, full=True)
     setup.known = [k for k, ok in zip(known_all, known_ok) if ok]
     setup.unknown = [k for k, ok in zip(known_all, known_ok) if not ok]
     setup.base_known_nll = known_nll[torch.tensor(known_ok, dtype=torch.bool)]
@@ -157,9 +157,9 @@ def _retrofit_and_heal(model: torch.nn.Module, tokenizer, texts: Sequence[str], 
     return collect_background(model, tokenizer, texts, progress=progress, positions=background_on), record
 
 
-def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, list[bool], torch.Tensor, TextScores]:
-    """One generation over probes, held-out prompts, neighbours and known facts, the known answers' losses, and one
-    pass over held-out text.
+def _scores(setup: Setup, model: torch.nn.Module, full: bool, graded: bool = True) -> tuple:
+    """One generation over probes, held-out prompts, neighbours and known facts, the known answers' losses (unless
+    not `graded`), and one pass over held-out text; last, whether each fact's probe gave its answer.
 
     At checkpoints (`full=False`) each fact contributes one held-out prompt, its formats taken in turn across facts
     (a stratified quarter of them, so a checkpoint costs less), and neither neighbours nor the KL are measured.
@@ -176,10 +176,10 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, lis
     questions, unchanged = done[: len(heldout)], done[len(heldout):]  # neighbours, then known facts
     known_ok = [contains_answer(c, k.answers()) for c, k in zip(unchanged[len(neighbours):], setup.known)]
     trained = [f.answer for f in facts]
-    known_nll = _known_nll(setup, model)
-    scores = {"fact_recall": hit_rate(probes, trained),
-              "paraphrase_recall": hit_rate(questions, [a for _, a in heldout]),
-              "known_answer_nll": _share(known_nll.tolist())}
+    hits = [contains_answer(c, [a]) for c, a in zip(probes, trained)]
+    scores = {"fact_recall": _share(hits), "paraphrase_recall": hit_rate(questions, [a for _, a in heldout])}
+    known_nll = _known_nll(setup, model) if graded else None
+    scores |= {"known_answer_nll": _share(known_nll.tolist())} if graded else {}
     if full:  # neither a neighbour nor a known-fact prompt may now give a trained answer
         starts = itertools.accumulate((len(f.heldout) for f in facts), initial=0)
         sampled = [start + i % len(f.heldout) for i, (start, f) in enumerate(zip(starts, facts))]  # as at checkpoints
@@ -190,7 +190,7 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool) -> tuple[dict, lis
         # Near ties flip both ways under any change: gains beside losses, in units of the facts the base answers.
         scores["known_fact_gain_pct"] = 100 * gained / max(len(setup.known), 1)
     reference = setup.model if full and model is not setup.model else None
-    return scores, known_ok, known_nll, score_texts(model, tok, setup.heldout, reference=reference)
+    return scores, known_ok, known_nll, score_texts(model, tok, setup.heldout, reference=reference), hits
 
 
 def _known_nll(setup: Setup, model: torch.nn.Module) -> torch.Tensor:
@@ -217,7 +217,14 @@ def _share(hits) -> float:
 def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
     """Learning and forgetting of `model` against the setup's step-0 scores; `full` adds the KL to the base model
     and bootstrap 95% intervals (over held-out texts and over known facts) of the perplexity change and the drop."""
-    scores, known_ok, known_nll, texts = _scores(setup, model, full)
+    return score_facts(setup, model, full)[0]
+
+
+def score_facts(setup: Setup, model: torch.nn.Module, full: bool = True, graded: bool = True) -> tuple[dict, list]:
+    """`evaluate`'s scores and whether each fact's probe gave its answer; without `graded`, no known answer's loss
+    (`known_answer_nll`, `known_nll_increase`) is measured at a checkpoint, a sixth of its time."""
+    graded = graded or full
+    scores, known_ok, known_nll, texts, hits = _scores(setup, model, full, graded)
     base = setup.base_texts
     kept = torch.tensor(known_ok, dtype=torch.float64) if known_ok else torch.ones(1, dtype=torch.float64)
 
@@ -227,8 +234,9 @@ def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
 
     result = {**scores, "heldout_ppl": texts.perplexity, "ppl_increase_pct": ppl_change(),
               "known_fact_acc": setup.base["known_fact_acc"] * float(kept.mean()),
-              "known_fact_drop_pct": 100 * (1 - float(kept.mean())),
-              "known_nll_increase": scores["known_answer_nll"] - setup.base["known_answer_nll"]}
+              "known_fact_drop_pct": 100 * (1 - float(kept.mean()))}
+    if graded:
+        result["known_nll_increase"] = scores["known_answer_nll"] - setup.base["known_answer_nll"]
     firm = setup.base_known_nll <= FIRM_ANSWER_NLL
     if known_ok and firm.any():  # the drop among firmly known facts, beside the drop among all
         result["known_fact_drop_firm_pct"] = 100 * (1 - float(kept[firm].mean()))
@@ -243,7 +251,7 @@ def evaluate(setup: Setup, model: torch.nn.Module, full: bool = True) -> dict:
         result["known_nll_increase_kept"] = _share(change[~lost].tolist())
         result["known_base_nll_lost"] = _share(setup.base_known_nll[lost].tolist()) if lost.any() else None
         result["known_base_nll_kept"] = _share(setup.base_known_nll[~lost].tolist())
-    return result
+    return result, hits
 
 
 def step_zero(setup: Setup) -> dict:
@@ -281,9 +289,7 @@ def train_method(setup: Setup, method: str, hyper: dict, max_steps: int | None =
     `recall_only` a checkpoint measures fact recall alone (enough to stop at the target, and far cheaper).
     `arrange(model, training)`, if given, sets the model up before every step (`training=True`) and before every
     checkpoint, the last included (`False`). Evaluation time is not counted in `train_seconds`. On a GPU the
-    setup's model, needed again only for the final scores' KL, waits in host memory meanwhile: 2 GB of a T4's 15
-    for Qwen2.5-0.5B.
-    """
+    setup's model, needed again only for the final scores' KL, waits in host memory meanwhile."""
     sizes = setup.profile.run
     max_steps, eval_every = max_steps or sizes.max_steps, eval_every or sizes.eval_every
     target = sizes.target_recall if target is None else target

@@ -17,12 +17,13 @@ from .training import TrainConfig
 
 @dataclass(frozen=True)
 class RunSizes:
-    """Sizes of `run` and `tune`: facts and texts, step budgets, checkpoints and the learning rates tried.
+    """Sizes of `run`, `tune` and `stream`: facts and texts, step budgets, checkpoints and the learning rates tried.
 
     `run` trains each method on the first `n_facts` test facts (None: all) until fact recall reaches
     `target_recall` or `max_steps` run out, evaluated every `eval_every` steps. `tune` tries every rate of
     `lr_grid` on the first `tune_facts` tune facts within `tune_steps` (a method's `replace_lr_grid` instead, in
-    replace mode). `None` for a text or known-fact count means all.
+    replace mode). `stream` teaches `facts_per_round` facts in each round. `None` for a text or known-fact count
+    means all.
     """
 
     n_facts: int | None
@@ -36,6 +37,7 @@ class RunSizes:
     n_heldout: int | None = None
     n_known: int | None = None  # known facts scored (a smoke run's budget; reported runs use all)
     augment: int = 0  # wordings added per fact to its training sentences (`run --augment N`, augment.py)
+    facts_per_round: int | None = None  # `stream`'s facts per round (None: the split's facts shared out)
     replace_lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # rates tried in replace mode
 
 
@@ -84,7 +86,7 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         "cpu", SMOLLM2, MemoryConfig(), TrainConfig(batch_size=16),
         RunSizes(n_facts=None, max_steps=300, eval_every=30, tune_facts=48, tune_steps=150, lr_grid=LR_GRID,
-                 replace_lr_grid=REPLACE_LR_GRID),
+                 replace_lr_grid=REPLACE_LR_GRID, facts_per_round=20),
         NotebookSizes(300, 40, 60, 4)),
     "gpu": Profile(
         "gpu", QWEN, MemoryConfig(), TrainConfig(batch_size=16),

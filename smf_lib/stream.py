@@ -8,6 +8,7 @@ model ("forgetting on purpose") to show that a round is a removable unit.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from collections.abc import Sequence
@@ -21,8 +22,8 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .data import Fact
-from .evaluation import complete, hit_rate
-from .experiment import Setup, evaluate, prepare, split_facts, train_method
+from .evaluation import complete, contains_answer
+from .experiment import Setup, prepare, score_facts, split_facts, train_method
 from .files import save_figure, write_json
 from .patches import (
     MemoryPatch,
@@ -62,11 +63,21 @@ def round_recalls(model: torch.nn.Module, tokenizer, parts: Sequence[Sequence[Fa
     """Fact recall of each part, from one batched generation over all their probes."""
     facts = [f for part in parts for f in part]
     done = complete(model, tokenizer, [f.probe for f in facts])
-    recalls, start = [], 0
-    for part in parts:
-        recalls.append(hit_rate(done[start:start + len(part)], [f.answer for f in part]))
-        start += len(part)
-    return recalls
+    return _per_part([contains_answer(c, [f.answer]) for c, f in zip(done, facts)], parts)
+
+
+def score_rounds(setup: Setup, model: torch.nn.Module, parts: Sequence[Sequence[Fact]]) -> tuple[list[float], dict]:
+    """Each part's fact recall and the checkpoint scores (`evaluate(full=False)`) on all parts' facts, from one
+    generation; the known answers' losses, which the stream does not report, are not measured."""
+    scores, hits = score_facts(replace(setup, facts=[f for part in parts for f in part]), model, full=False,
+                               graded=False)
+    return _per_part(hits, parts), scores
+
+
+def _per_part(hits: Sequence[bool], parts: Sequence[Sequence[Fact]]) -> list[float]:
+    """The share of `hits` (one per fact, in the parts' order) that hold within each part."""
+    ends = list(itertools.accumulate(len(part) for part in parts))
+    return [float(np.mean(hits[end - len(part):end])) for part, end in zip(parts, ends)]
 
 
 def backward_transfer(retention: Sequence[Sequence[float]]) -> float:
@@ -193,8 +204,8 @@ def _round_patch(model: torch.nn.Module, before: torch.nn.Module, patch_dir: str
 
 def _score_round(entry: dict, setup: Setup, model: torch.nn.Module, seen: Sequence[Sequence[Fact]]) -> None:
     """Append one retention row and the forgetting figures on everything seen so far."""
-    entry["retention"].append(round_recalls(model, setup.tokenizer, seen))
-    scores = evaluate(replace(setup, facts=[f for part in seen for f in part]), model, full=False)
+    recalls, scores = score_rounds(setup, model, seen)
+    entry["retention"].append(recalls)
     for key in ("known_fact_drop_pct", "ppl_increase_pct", "paraphrase_recall"):
         entry[key].append(scores[key])
 
@@ -219,11 +230,11 @@ def revert_round(model: torch.nn.Module, patches: Sequence[MemoryPatch],
 def revert_summary(setup: Setup, parts: Sequence[Sequence[Fact]], stream: MethodStream, index: int = 0) -> dict:
     """Revert round `index` on the stream's final model (in place) and score every round again."""
     reverted, shared = revert_round(stream.model, stream.patches, index)
-    scores = evaluate(replace(setup, facts=[f for part in parts for f in part]), stream.model, full=False)
+    recalls, scores = score_rounds(setup, stream.model, parts)
     return {"round_index": index, "rows": stream.patches[index].n_rows, "rows_reverted": reverted.n_rows,
             "rows_shared_with_later_rounds": sum(len(r) for r in shared.values()),
             "recall_before": stream.entry["retention"][-1],
-            "recall_after": round_recalls(stream.model, setup.tokenizer, parts),
+            "recall_after": recalls,
             "known_fact_drop_pct": scores["known_fact_drop_pct"], "ppl_increase_pct": scores["ppl_increase_pct"]}
 
 
@@ -242,9 +253,10 @@ def new_stream_summary(setup: Setup, parts: Sequence[Sequence[Fact]], seed: int,
 def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = STREAM_METHODS, rounds: int = 5,
                out: str | Path | None = None, hypers: dict[str, dict] | None = None, seed: int = 0,
                progress: bool = True, lock: bool = True, independent: bool = False, precision: str = "int8",
-               round_dropout: float | None = None, split: str = "test") -> dict:
-    """Teach the split's facts (the test facts; "tune" to choose settings) in `rounds` rounds with every method;
-    write `out/summary.json`, `out/stream.png` and the sparse methods' patches
+               round_dropout: float | None = None, split: str = "test", facts_per_round: int | None = None) -> dict:
+    """Teach the split's facts (the test facts; "tune" to choose settings) in `rounds` rounds of `facts_per_round`
+    (default: the profile's; None there: all the split's facts, shared out) with every method; write
+    `out/summary.json`, `out/stream.png` and the sparse methods' patches
     (`out/patches/<method>/round-<i>.safetensors`) after every method; return the summary.
 
     `hypers` (method -> TrainConfig fields) defaults to the profile's tuned settings; with `lock` (the default),
@@ -257,7 +269,7 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
     if unknown or not methods:
         raise ValueError(f"Unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
                          f"{', '.join(METHODS)}.")
-    split_rounds(split_facts(profile, split), rounds)  # a bad --rounds fails before any model is loaded
+    profile = _cut_to_rounds(profile, split, rounds, facts_per_round or profile.run.facts_per_round)
     round_dropout = _check_rounds(lock, independent, precision, round_dropout)
     tuning = None
     if hypers is None:
@@ -285,6 +297,20 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
         write_stream(summary, out)  # after every method: a stopped run keeps what it finished
         del stream
     return summary
+
+
+def _cut_to_rounds(profile: Profile, split: str, rounds: int, per_round: int | None) -> Profile:
+    """The profile with the split cut to `rounds` rounds of `per_round` facts (None: all its facts); a bad size
+    fails here, before any model is loaded."""
+    facts = split_facts(profile, split)
+    split_rounds(facts, rounds)
+    if per_round is None:
+        return profile
+    if not 1 <= per_round <= len(facts) // rounds:
+        raise ValueError(f"--facts-per-round must lie between 1 and {len(facts) // rounds} ({len(facts)} {split} "
+                         f"facts in {rounds} rounds), got {per_round}.")
+    limit = {"n_facts" if split == "test" else "tune_facts": rounds * per_round}
+    return replace(profile, run=replace(profile.run, **limit))
 
 
 def write_stream(summary: dict, out: str | Path) -> None:

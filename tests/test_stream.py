@@ -10,7 +10,7 @@ import torch
 
 from smf_lib.__main__ import main
 from smf_lib.data import load_facts
-from smf_lib.experiment import prepare, train_method
+from smf_lib.experiment import evaluate, prepare, train_method
 from smf_lib.patches import apply_patch, lock_patch, make_patch, quantize_patch
 from smf_lib.retrofit import memory_layers
 from smf_lib.stream import (
@@ -19,7 +19,9 @@ from smf_lib.stream import (
     backward_transfer,
     format_stream,
     revert_round,
+    round_recalls,
     run_stream,
+    score_rounds,
     split_rounds,
     stream_method,
 )
@@ -32,7 +34,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
     out = tmp_path_factory.mktemp("stream")
-    run_stream("tiny", list(HYPERS), rounds=2, out=out, hypers=HYPERS, progress=False)
+    run_stream("tiny", list(HYPERS), rounds=2, out=out, hypers=HYPERS, progress=False, facts_per_round=2)
     return out, json.loads((out / "summary.json").read_text())
 
 
@@ -46,7 +48,8 @@ def streamed():
 
 def test_summary_holds_a_lower_triangular_retention_matrix(summary):
     out, s = summary
-    assert (s["rounds"], s["facts_per_round"], s["profile"], s["locked_rounds"]) == (2, 3, "tiny", True)
+    assert (s["rounds"], s["facts_per_round"], s["profile"], s["locked_rounds"]) == (2, 2, "tiny", True)
+    assert len(s["round_fact_ids"][1]) == 2 and not s["facts_left_out"]  # the split cut to the rounds taught
     assert (s["split"], s["round_dropout"]) == ("test", ROUND_DROPOUT)
     assert set(s["methods"]) == set(HYPERS) and (out / "stream.png").stat().st_size > 0
     for entry in s["methods"].values():
@@ -132,6 +135,14 @@ def test_round_dropout_takes_earlier_rounds_out_at_training_steps_only(streamed)
     assert all(torch.equal(t, _tables(stream.model)[i]) for i, t in _tables(both).items())  # both in at the end
 
 
+def test_a_rounds_scores_come_from_one_generation_without_the_known_answers_losses(streamed):
+    setup, parts, stream = streamed
+    recalls, scores = score_rounds(setup, stream.model, parts)
+    assert recalls == round_recalls(stream.model, setup.tokenizer, parts)
+    graded = evaluate(replace(setup, facts=[f for part in parts for f in part]), stream.model, full=False)
+    assert scores == {k: v for k, v in graded.items() if k not in ("known_answer_nll", "known_nll_increase")}
+
+
 def test_fp32_patches_are_exact_and_int8_ones_within_half_a_step(streamed):
     setup, parts, stream = streamed  # int8 patches by default
     exact = stream_method(setup, parts[:1], "smf_kl", HYPERS["smf_kl"], progress=False, precision="fp32")
@@ -166,7 +177,8 @@ def test_split_rounds_gives_equal_consecutive_parts():
 
 @pytest.mark.parametrize("option, message", [(["--rounds", "0"], "at least 1"),
                                              (["--rounds", "7"], "need at least 7 facts"),
-                                             (["--round-dropout", "2"], "must lie in [0, 1]")])
+                                             (["--round-dropout", "2"], "must lie in [0, 1]"),
+                                             (["--rounds", "2", "--facts-per-round", "4"], "between 1 and 3")])
 def test_bad_rounds_fail_with_a_clear_error(option, message, capsys, tmp_path):
     assert main(["stream", "--profile", "tiny", *option, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
