@@ -113,6 +113,7 @@ class ProductKeyMemory(nn.Module):
         self.last_access: SlotAccess | None = None
         self.read_gradients: ReadGradients | None = None
         self.locked: torch.Tensor | None = None  # bool per slot: rows sparse training may not select (lock_patch)
+        self.row_dropout: tuple[float, torch.Generator] | None = None  # training reads: (probability, draws)
 
     @property
     def n_slots(self) -> int:
@@ -162,9 +163,18 @@ class ProductKeyMemory(nn.Module):
         bags, per_read = indices.view(len(flat), -1), weights.view(len(flat), -1).to(self.values.weight.dtype)
         table = self.values.weight
         if self.read_gradients is not None and table.requires_grad and torch.is_grad_enabled():
+            if self.row_dropout is not None:
+                per_read = per_read * self._kept_rows(per_read.device)[bags]
             read = F.embedding_bag(bags, table.detach(), per_sample_weights=per_read, mode="sum")
             read = read + _KeepReadGradients.apply(table, bags, per_read.detach(), self.read_gradients)
         else:
             read = self.values(bags, per_sample_weights=per_read)
         out = self.proj(read * F.silu(self.gate(flat))) * self.scale
         return out.view(*lead, self.dim)
+
+    def _kept_rows(self, device: torch.device) -> torch.Tensor:
+        """One 0/1 weight per slot, 0 with the row dropout's probability: this forward reads a dropped row as if it
+        held nothing, and the weight it had is not given to the others (as a new wording reads only some of the
+        rows a fact was written into, beside rows that hold nothing of it)."""
+        rate, generator = self.row_dropout
+        return (torch.rand(self.n_slots, generator=generator) >= rate).to(device, self.values.weight.dtype)

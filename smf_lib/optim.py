@@ -139,11 +139,13 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, background: SlotStats | None, lr: float = 0.3, score: str = "kl",
                  top_t: int = 500, rule: str = "adam", weight_decay: float = 0.0, seed: int = 0,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, factored: bool = False,
-                 write_on: str = "read", gate_lr: float = 0.0) -> None:
+                 write_on: str = "read", gate_lr: float = 0.0, row_dropout: float = 0.0) -> None:
         if score not in SCORES or rule not in RULES:
             raise ValueError(f"score must be one of {SCORES} and rule one of {RULES}, got {score!r}, {rule!r}.")
         if gate_lr < 0:
             raise ValueError(f"gate_lr must be a learning rate >= 0, got {gate_lr}.")
+        if not 0 <= row_dropout < 1:
+            raise ValueError(f"row_dropout must be a probability in [0, 1), got {row_dropout}.")
         if rule == "sgd" and weight_decay:
             raise ValueError("rule='sgd' has no weight decay; use rule='adam' (decoupled, as AdamW) for it.")
         if write_on not in WRITE_ON or (write_on == "counted" and (not factored or reduce is not None)):
@@ -182,8 +184,9 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         self._read_gradients = [ReadGradients() for _ in self.layers]
         self._positions: torch.Tensor | None = None
         self._was_recording = [m.recording for m in self.layers]
-        for m in self.layers:
+        for i, m in enumerate(self.layers):
             m.recording = True
+            m.row_dropout = (row_dropout, torch.Generator().manual_seed(seed + i)) if row_dropout else None
         self._hooks = [model.register_forward_pre_hook(self._see_batch, with_kwargs=True)]
         self._hooks += [m.register_forward_hook(self._count) for m in self.layers]
 
@@ -313,7 +316,7 @@ class SparseMemoryOptimizer(torch.optim.Optimizer):
         for hook in self._hooks:
             hook.remove()
         for m, was in zip(self.layers, self._was_recording):
-            m.recording, m.last_access, m.read_gradients = was, None, None
+            m.recording, m.last_access, m.read_gradients, m.row_dropout = was, None, None, None
         for p, trainable in self._trainable:
             p.requires_grad_(trainable)
         self._hooks, self._trainable = [], []

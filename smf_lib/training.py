@@ -47,6 +47,7 @@ class TrainConfig:
     warmup: int = 0                  # steps over which the learning rate rises linearly to lr
     locality: float = 0.0            # sparse methods: weight of locality_penalty in the loss
     gate_lr: float = 0.0             # sparse methods: Adam's rate for the memory's output gates (0: frozen)
+    row_dropout: float = 0.0         # sparse methods: probability that a value row is left out of a step's reads
     negatives: float = 0.0           # weight of the unlikelihood of the answer in sentences about made-up subjects
     lora_rank: int = 16
     max_length: int = 256            # tokens per training sentence, at most; a longer one is an error, never cut
@@ -58,7 +59,7 @@ class TrainConfig:
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
         if self.optimizer not in RULES or self.loss_on not in ("answer", "all"):
             raise ValueError(f"optimizer must be one of {', '.join(RULES)}; loss_on must be 'answer' or 'all'.")
-        for name in ("locality", "gate_lr"):
+        for name in ("locality", "gate_lr", "row_dropout"):
             value = getattr(self, name)
             if value < 0 or (value and self.method not in SPARSE_METHODS):
                 raise ValueError(f"{name} must be >= 0 and is for sparse methods only, got {value} for "
@@ -138,7 +139,8 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, background: Slot
             lambda counts: accelerator.reduce(counts, "sum"))
         optimizer = SparseMemoryOptimizer(model, background, config.lr, SCORE_OF[config.method], config.top_t,
                                           config.optimizer, config.weight_decay, config.seed, reduce, factored=True,
-                                          write_on=config.write_on, gate_lr=config.gate_lr)
+                                          write_on=config.write_on, gate_lr=config.gate_lr,
+                                          row_dropout=config.row_dropout)
         return model, optimizer, sum(p.numel() for p in model.parameters() if p.requires_grad)  # tables (and gates)
     for p in model.parameters():
         p.requires_grad_(False)

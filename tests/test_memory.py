@@ -141,3 +141,28 @@ def test_written_mask_keeps_only_those_tokens_reads_in_the_value_gradient():
     assert torch.allclose(memory.read_gradients.rows(rows), dense, atol=1e-6)
     assert 0 < torch.count_nonzero(dense.any(dim=1)) < torch.count_nonzero(every_read.any(dim=1))
     assert torch.allclose(x.grad, full_input_grad, atol=1e-6)
+
+
+def test_row_dropout_reads_dropped_rows_as_empty_in_training_only():
+    """With row dropout a training forward reads each dropped row as if it held nothing (its weight is not given to
+    the other rows) and gives it no gradient; a forward without gradients reads every row as it is."""
+    torch.manual_seed(0)
+    memory = ProductKeyMemory(32, n_keys=16, heads=2, topk=4, key_dim=16)
+    torch.nn.init.normal_(memory.values.weight)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        whole = memory(x)
+    kept = torch.rand(memory.n_slots, generator=torch.Generator().manual_seed(1)) >= 0.5  # the draw the layer makes
+    emptied = ProductKeyMemory(32, n_keys=16, heads=2, topk=4, key_dim=16)
+    emptied.load_state_dict(memory.state_dict())
+    with torch.no_grad():
+        emptied.values.weight[~kept] = 0
+        expected = emptied(x)
+    memory.read_gradients, memory.row_dropout = ReadGradients(), (0.5, torch.Generator().manual_seed(1))
+    out = memory(x)
+    assert torch.allclose(out, expected, atol=1e-6) and not torch.allclose(out, whole, atol=1e-3)
+    out.sum().backward()
+    grads = memory.read_gradients.rows(torch.arange(memory.n_slots)).abs().sum(dim=1)
+    assert grads[~kept].sum() == 0 and grads[kept].sum() > 0
+    with torch.no_grad():
+        assert torch.equal(memory(x), whole)

@@ -200,6 +200,19 @@ def test_trained_gates_move_only_with_a_gate_rate_and_quiet_the_memory_further_u
         TrainConfig(method="lora", gate_lr=1e-3)
 
 
+def test_row_dropout_is_set_on_the_memory_while_training_and_taken_off_after(tiny):
+    model, tokenizer, background = tiny
+    model = copy.deepcopy(model)
+    optimizer = SparseMemoryOptimizer(model, background, top_t=8, row_dropout=0.25)
+    assert all(m.row_dropout[0] == 0.25 for m in memory_layers(model))
+    optimizer.detach()
+    assert all(m.row_dropout is None for m in memory_layers(model))
+    with pytest.raises(ValueError, match=r"row_dropout must be a probability in \[0, 1\)"):
+        SparseMemoryOptimizer(model, background, top_t=8, row_dropout=1.0)
+    with pytest.raises(ValueError, match="row_dropout must be >= 0 and is for sparse methods only"):
+        TrainConfig(method="full_ft", row_dropout=0.5)
+
+
 def test_an_optimizer_state_with_trained_gates_round_trips_and_refuses_a_mismatch(tiny):
     model, tokenizer, background = tiny
     model = copy.deepcopy(model)
