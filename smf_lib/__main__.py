@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("--out", default=None, help="output folder (default results/stream-<profile>/)")
     stream.add_argument("--share-rows", action="store_true",
                         help="let a round rewrite earlier rounds' memory rows (default: each round's rows are locked)")
+    stream.add_argument("--fit-gates", type=int, default=None, metavar="N",
+                        help="fit the memory's gates for N steps on practice facts first, then freeze them "
+                             "(default 150 with a sparse method; 0: random gates)")
     stream.add_argument("--round-dropout", type=float, default=None, metavar="P",
                         help="take each earlier round's patch out at a training step with probability P "
                              "(default 0.5 with locked rounds, else 0)")
@@ -114,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             print(format_tuning(result))
             print(f"Tuned settings written to {args.out or tuned_path(get_profile(profile), args.mode)}")
         elif args.command == "stream":
-            from .stream import format_stream, run_stream
+            from .stream import run_stream
+            from .stream_report import format_stream
 
             print(format_stream(run_stream(profile, args.methods, args.rounds, args.out, lock=not args.share_rows,
-                                           round_dropout=args.round_dropout, facts_per_round=args.facts_per_round)))
+                                           round_dropout=args.round_dropout, facts_per_round=args.facts_per_round,
+                                           fit_gates=args.fit_gates)))
             print(f"Results written to {args.out or f'results/stream-{profile}/'}")
         else:
             from .bench import format_table, run_bench

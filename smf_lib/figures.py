@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 from .ablation import load_variants, plot_ablations
 from .files import save_figure
 from .report import plot_pareto
-from .stream import plot_stream
+from .stream_report import plot_stream
 
 
 def make_figures(profile: str = "cpu", results: str | Path = "results",

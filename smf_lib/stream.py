@@ -15,13 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .data import Fact
+from .data import Fact, load_facts
 from .evaluation import complete, contains_answer
 from .experiment import Setup, prepare, score_facts, split_facts, train_method
 from .files import save_figure, write_json
@@ -35,10 +33,9 @@ from .patches import (
     revert_patch,
     write_patch,
 )
-from .plots import GREY, HEATMAP_CMAP, PALETTE, theme
 from .profiles import Profile, get_profile
-from .report import LABELS
 from .retrofit import memory_state
+from .stream_report import plot_stream
 from .training import METHODS, SPARSE_METHODS
 from .tuning import tuned_settings
 
@@ -46,6 +43,11 @@ STREAM_METHODS = ("smf_kl", "full_ft", "lora")
 # Each earlier round's patch is out at a training step with this probability (`RoundDropout`): chosen on the tune
 # split, where reverting round 1 then kept every other round (docs/RESULTS.md, "Round dropout").
 ROUND_DROPOUT = 0.5
+# Before the rounds, the memory's gates are fitted this many steps on practice facts and then frozen, and sparse
+# methods train with a locality term of this weight: chosen on the tune split, where they cut the known facts lost
+# after five rounds from 15.1% to 3.4% (docs/RESULTS.md, "Fitted gates, the stream's default").
+STREAM_GATES = 150
+STREAM_LOCALITY = 1.0
 BASE_KEYS = ("fact_recall", "paraphrase_recall", "heldout_ppl", "known_fact_acc")
 
 
@@ -78,14 +80,6 @@ def _per_part(hits: Sequence[bool], parts: Sequence[Sequence[Fact]]) -> list[flo
     """The share of `hits` (one per fact, in the parts' order) that hold within each part."""
     ends = list(itertools.accumulate(len(part) for part in parts))
     return [float(np.mean(hits[end - len(part):end])) for part, end in zip(parts, ends)]
-
-
-def backward_transfer(retention: Sequence[Sequence[float]]) -> float:
-    """Mean change in each earlier round's recall from right after its round to the end (Lopez-Paz & Ranzato,
-    arXiv 1706.08840): 0 keeps everything, negative forgets; 0 for a single round."""
-    final = retention[-1]
-    earlier = [final[i] - retention[i][i] for i in range(len(retention) - 1)]
-    return float(np.mean(earlier)) if earlier else 0.0
 
 
 def memory_bytes(model: torch.nn.Module) -> int:
@@ -253,9 +247,11 @@ def new_stream_summary(setup: Setup, parts: Sequence[Sequence[Fact]], seed: int,
 def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = STREAM_METHODS, rounds: int = 5,
                out: str | Path | None = None, hypers: dict[str, dict] | None = None, seed: int = 0,
                progress: bool = True, lock: bool = True, independent: bool = False, precision: str = "int8",
-               round_dropout: float | None = None, split: str = "test", facts_per_round: int | None = None) -> dict:
+               round_dropout: float | None = None, split: str = "test", facts_per_round: int | None = None,
+               fit_gates: int | None = None) -> dict:
     """Teach the split's facts (the test facts; "tune" to choose settings) in `rounds` rounds of `facts_per_round`
-    (default: the profile's; None there: all the split's facts, shared out) with every method; write
+    (default: the profile's for the test split, and where it has none, or on the tune split, the profile's facts
+    of the split shared out) with every method; write
     `out/summary.json`, `out/stream.png` and the sparse methods' patches
     (`out/patches/<method>/round-<i>.safetensors`) after every method; return the summary.
 
@@ -263,19 +259,25 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
     sparse methods keep each round's rows out of later rounds' reach, and with `independent` train each round on
     the memory without the earlier rounds' rows, or with `round_dropout` with each out at a step with that
     probability (None: ROUND_DROPOUT for locked rounds trained in sequence); patches are saved in `precision`
-    (`stream_method`)."""
+    (`stream_method`). The memory's gates are fitted for `fit_gates` steps before the rounds (`gates.fit_gates`;
+    None: STREAM_GATES where a sparse method runs, 0: the random gates), and with fitted gates sparse methods train
+    with a locality term of weight STREAM_LOCALITY unless their settings give one."""
     profile = get_profile(profile)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"Unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
                          f"{', '.join(METHODS)}.")
-    profile = _cut_to_rounds(profile, split, rounds, facts_per_round or profile.run.facts_per_round)
+    profile = _cut_to_rounds(profile, split, rounds, facts_per_round or (profile.run.facts_per_round
+                                                                          if split == "test" else None))
     round_dropout = _check_rounds(lock, independent, precision, round_dropout)
+    if fit_gates is not None and fit_gates < 0:
+        raise ValueError(f"--fit-gates is a number of steps >= 0 (0: random gates), got {fit_gates}.")
     tuning = None
     if hypers is None:
         hypers, tuning = tuned_settings(profile, methods, progress=progress)
     if missing := [m for m in methods if m not in hypers]:
         raise ValueError(f"No settings given for {', '.join(missing)}.")
+    profile, hypers = _with_fitted_gates(profile, methods, hypers, fit_gates)
     if gated := [m for m in methods if m in SPARSE_METHODS and hypers[m].get("gate_lr")]:
         raise ValueError(f"{', '.join(gated)}: a stream leaves a patch of value rows per round, and trained gates "
                          "would not fit it; run the stream with gate_lr=0 (gates fitted once beforehand, "
@@ -286,7 +288,7 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
     parts = split_rounds(setup.facts, rounds)
     summary = new_stream_summary(setup, parts, seed, tuning)
     summary |= {"locked_rounds": lock, "independent_rounds": independent, "patch_precision": precision,
-                "round_dropout": round_dropout}
+                "round_dropout": round_dropout, "fit_gates": profile.memory.fit_gates}
     for method in methods:
         stream = stream_method(setup, parts, method, hypers[method], out / "patches", seed, progress, lock,
                                independent, precision, round_dropout)
@@ -299,10 +301,22 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
     return summary
 
 
+def _with_fitted_gates(profile: Profile, methods: Sequence[str], hypers: dict[str, dict],
+                       steps: int | None) -> tuple[Profile, dict[str, dict]]:
+    """The profile with its gates fitted for `steps` steps (None: STREAM_GATES where a sparse method runs, or
+    the profile's own), and the sparse methods' settings with the locality term that goes with fitted gates."""
+    sparse = [m for m in methods if m in SPARSE_METHODS]
+    if steps is None:
+        steps = profile.memory.fit_gates or (STREAM_GATES if sparse and profile.memory.mode == "additive" else 0)
+    if steps:
+        hypers = {m: {"locality": STREAM_LOCALITY, **h} if m in sparse else h for m, h in hypers.items()}
+    return replace(profile, memory=replace(profile.memory, fit_gates=steps)), hypers
+
+
 def _cut_to_rounds(profile: Profile, split: str, rounds: int, per_round: int | None) -> Profile:
-    """The profile with the split cut to `rounds` rounds of `per_round` facts (None: all its facts); a bad size
-    fails here, before any model is loaded."""
-    facts = split_facts(profile, split)
+    """The profile with its split's facts cut to `rounds` rounds of `per_round` of the split's facts (None: the
+    profile's facts shared out); a bad size fails here, before any model is loaded."""
+    facts = split_facts(profile, split) if per_round is None else load_facts(split=split)
     split_rounds(facts, rounds)
     if per_round is None:
         return profile
@@ -318,77 +332,3 @@ def write_stream(summary: dict, out: str | Path) -> None:
     out = Path(out)
     write_json(out / "summary.json", summary)
     save_figure(plot_stream(summary), out / "stream.png")
-
-
-def _retention_matrix(retention: Sequence[Sequence[float]]) -> np.ma.MaskedArray:
-    """The ragged lower triangle as a square matrix, the cells above the diagonal masked."""
-    n = len(retention)
-    matrix = np.full((n, n), np.nan)
-    for j, row in enumerate(retention):
-        matrix[j, : len(row)] = row
-    return np.ma.masked_invalid(matrix)
-
-
-def _heatmap(ax: plt.Axes, retention: Sequence[Sequence[float]], title: str):
-    """One method's retention matrix, each cell labelled with its recall."""
-    matrix = _retention_matrix(retention)
-    image = ax.imshow(matrix, cmap=HEATMAP_CMAP, vmin=0, vmax=1)
-    n = len(retention)
-    for j in range(n):
-        for i in range(j + 1):
-            value = float(matrix[j, i])
-            ax.text(i, j, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                    color="black" if value > 0.6 else "white")
-    ticks = list(range(n))
-    ax.set_xticks(ticks, [str(t + 1) for t in ticks])
-    ax.set_yticks(ticks, [str(t + 1) for t in ticks])
-    ax.set_xlabel("facts of round")
-    ax.set_ylabel("after round")
-    ax.set_title(title)
-    ax.spines[:].set_visible(False)
-    return image
-
-
-def plot_stream(summary: dict) -> Figure:
-    """Per method, the retention heatmap (after round j, recall of round i's facts); last, known facts forgotten
-    after each round, one curve per method."""
-    methods = summary["methods"]
-    with theme():
-        fig, axes = plt.subplots(1, len(methods) + 1, figsize=(3.3 * (len(methods) + 1) + 1, 3.6),
-                                 layout="constrained", squeeze=False)
-        axes = axes[0]
-        image = None
-        for ax, (method, entry) in zip(axes, methods.items()):
-            image = _heatmap(ax, entry["retention"], LABELS.get(method, method))
-        if image is not None:
-            fig.colorbar(image, ax=list(axes[: len(methods)]), label="fact recall", shrink=0.8)
-        curves = axes[-1]
-        for color, (method, entry) in zip(PALETTE, methods.items()):
-            drops = entry["known_fact_drop_pct"]
-            curves.plot(range(1, len(drops) + 1), drops, marker="o", color=color, label=LABELS.get(method, method))
-        curves.axhline(0, color=GREY, lw=0.8)
-        curves.set_xticks(range(1, summary["rounds"] + 1))
-        curves.set_xlabel("after round")
-        curves.set_ylabel("known facts forgotten (%)")
-        curves.set_title("Forgetting over the stream")
-        curves.grid(True)
-        if methods:
-            curves.legend()
-        fig.suptitle(f"Continual learning: {summary['rounds']} rounds of {summary['facts_per_round']} facts "
-                     f"({summary['profile']} profile)")
-    plt.close(fig)
-    return fig
-
-
-def format_stream(summary: dict) -> str:
-    """A Markdown table: recall of each round's facts after the last round, and forgetting after it."""
-    lines = ["| method | recall per round, at the end | mean | backward transfer | known-fact drop % | ppl change % "
-             "| patch KB/round | recall after reverting round 1 |", "|---|---|---|---|---|---|---|---|"]
-    for method, entry in summary["methods"].items():
-        final, transfer = entry["retention"][-1], backward_transfer(entry["retention"])
-        patch = f"{np.mean(entry['patch_bytes']) / 1024:.1f}" if entry.get("patch_bytes") else "–"
-        revert = " ".join(f"{r:.2f}" for r in entry["revert"]["recall_after"]) if "revert" in entry else "–"
-        lines.append(f"| {LABELS.get(method, method)} | {' '.join(f'{r:.2f}' for r in final)} | "
-                     f"{np.mean(final):.2f} | {transfer:+.2f} | {entry['known_fact_drop_pct'][-1]:.1f} | "
-                     f"{entry['ppl_increase_pct'][-1]:+.2f} | {patch} | {revert} |")
-    return "\n".join(lines) + "\n"

@@ -15,9 +15,9 @@ from smf_lib.patches import apply_patch, lock_patch, make_patch, quantize_patch
 from smf_lib.retrofit import memory_layers
 from smf_lib.stream import (
     ROUND_DROPOUT,
+    STREAM_GATES,
+    STREAM_LOCALITY,
     RoundDropout,
-    backward_transfer,
-    format_stream,
     revert_round,
     round_recalls,
     run_stream,
@@ -25,6 +25,7 @@ from smf_lib.stream import (
     split_rounds,
     stream_method,
 )
+from smf_lib.stream_report import backward_transfer, format_stream
 
 HYPERS = {"smf_kl": {"lr": 3.0}, "full_ft": {"lr": 1e-2}}  # tiny's rates: no tuning needed here
 
@@ -50,7 +51,9 @@ def test_summary_holds_a_lower_triangular_retention_matrix(summary):
     out, s = summary
     assert (s["rounds"], s["facts_per_round"], s["profile"], s["locked_rounds"]) == (2, 2, "tiny", True)
     assert len(s["round_fact_ids"][1]) == 2 and not s["facts_left_out"]  # the split cut to the rounds taught
-    assert (s["split"], s["round_dropout"]) == ("test", ROUND_DROPOUT)
+    assert (s["split"], s["round_dropout"], s["fit_gates"]) == ("test", ROUND_DROPOUT, STREAM_GATES)
+    assert s["methods"]["smf_kl"]["hyper"]["locality"] == STREAM_LOCALITY  # beside the fitted gates
+    assert "locality" not in s["methods"]["full_ft"]["hyper"]
     assert set(s["methods"]) == set(HYPERS) and (out / "stream.png").stat().st_size > 0
     for entry in s["methods"].values():
         assert [len(row) for row in entry["retention"]] == [1, 2]  # after round j: rounds 0..j
@@ -178,7 +181,8 @@ def test_split_rounds_gives_equal_consecutive_parts():
 @pytest.mark.parametrize("option, message", [(["--rounds", "0"], "at least 1"),
                                              (["--rounds", "7"], "need at least 7 facts"),
                                              (["--round-dropout", "2"], "must lie in [0, 1]"),
-                                             (["--rounds", "2", "--facts-per-round", "4"], "between 1 and 3")])
+                                             (["--fit-gates", "-1"], "number of steps >= 0"),
+                                             (["--rounds", "2", "--facts-per-round", "68"], "between 1 and 67")])
 def test_bad_rounds_fail_with_a_clear_error(option, message, capsys, tmp_path):
     assert main(["stream", "--profile", "tiny", *option, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
