@@ -250,9 +250,8 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
                round_dropout: float | None = None, split: str = "test", facts_per_round: int | None = None,
                fit_gates: int | None = None) -> dict:
     """Teach the split's facts (the test facts; "tune" to choose settings) in `rounds` rounds of `facts_per_round`
-    (default: the profile's for the test split, and where it has none, or on the tune split, the profile's facts
-    of the split shared out) with every method; write
-    `out/summary.json`, `out/stream.png` and the sparse methods' patches
+    (default: the profile's for the test split; without one, or on the tune split, the profile's facts of the split
+    shared out) with every method; write `out/summary.json`, `out/stream.png` and the sparse methods' patches
     (`out/patches/<method>/round-<i>.safetensors`) after every method; return the summary.
 
     `hypers` (method -> TrainConfig fields) defaults to the profile's tuned settings; with `lock` (the default),
