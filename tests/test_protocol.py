@@ -112,8 +112,9 @@ def test_known_answer_loss_change_is_reported_for_lost_and_kept_facts(monkeypatc
                              {"known_fact_acc": 0.5, "known_answer_nll": 1.4}, texts, {},
                              base_known_nll=torch.tensor([0.6, 1.5, 1.0, 2.5]))
     now = torch.tensor([1.0, 3.0, 0.5, 2.0])
-    monkeypatch.setattr(experiment, "_scores", lambda s, m, full: (
-        {"known_answer_nll": float(now.mean()), "known_fact_gain_pct": 25.0}, [True, False, True, False], now, texts))
+    monkeypatch.setattr(experiment, "_scores", lambda s, m, full, graded: (
+        {"known_answer_nll": float(now.mean()), "known_fact_gain_pct": 25.0}, [True, False, True, False], now, texts,
+        []))
     result = experiment.evaluate(setup, model=None)
     assert result["known_fact_drop_pct"] == pytest.approx(50.0)
     assert result["known_nll_increase"] == pytest.approx(1.625 - 1.4)
@@ -141,7 +142,7 @@ def test_known_facts_the_base_model_missed_count_as_gains_when_answered_now(monk
     monkeypatch.setattr(experiment, "_known_nll", lambda s, m: torch.zeros(len(s.known)))
     monkeypatch.setattr(experiment, "score_texts", lambda *a, **k: TextScores(torch.ones(1), torch.ones(1)))
     setup = experiment.Setup(None, "test", object(), None, [], known, [], None, {}, None, {}, unknown=unknown)
-    scores, known_ok, _, _ = experiment._scores(setup, object(), full=True)
+    scores, known_ok, *_ = experiment._scores(setup, object(), full=True)
     assert known_ok == [True, False, False, False]
     assert scores["known_fact_gain_pct"] == pytest.approx(100 * 2 / 4)
     assert "known_fact_gain_pct" not in experiment._scores(setup, object(), full=False)[0]  # checkpoints skip them
