@@ -25,6 +25,7 @@ class Example:
     answer_mask: list[bool]
     subject_mask: list[bool] = field(default_factory=list)
     negative: bool = False
+    hidden: torch.Tensor | None = None  # the states entering the first trained block, when training reuses them
 
 
 def build_examples(facts: Sequence[Fact], tokenizer, max_length: int = 256) -> list[Example]:
@@ -56,8 +57,8 @@ def answer_tokens(enc, sentence: str, answer: str) -> list[bool]:
 
 
 def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: token ids, the attention mask, the masks of answer and subject tokens and which sentences
-    are negative, on `device`."""
+    """Right-pad a batch: token ids, the attention mask, the masks of answer and subject tokens, which sentences
+    are negative and, when every example carries them, the hidden states of its tokens (`"hidden"`), on `device`."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(ids, dtype=torch.bool)
@@ -68,8 +69,11 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> d
         answer[row, : len(e.answer_mask)] = torch.tensor(e.answer_mask)
         subject[row, : len(e.subject_mask)] = torch.tensor(e.subject_mask, dtype=torch.bool)
     negative = torch.tensor([e.negative for e in examples], dtype=torch.bool)
-    return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "answer": answer.to(device),
-            "subject": subject.to(device), "negative": negative.to(device)}
+    batch = {"input_ids": ids.to(device), "attention_mask": attention.to(device), "answer": answer.to(device),
+             "subject": subject.to(device), "negative": negative.to(device)}
+    if all(e.hidden is not None for e in examples):
+        batch["hidden"] = torch.nn.utils.rnn.pad_sequence([e.hidden for e in examples], batch_first=True).to(device)
+    return batch
 
 
 def counted_positions(batch: dict[str, torch.Tensor], count_on: str) -> torch.Tensor:

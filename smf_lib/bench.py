@@ -40,6 +40,7 @@ CONTRACT_KEYS = ("forward_overhead_ratio", "smf_step_vs_full_ft_ratio", "smf_ste
 TARGETS = {"forward_overhead_ratio": 1.10, "smf_step_vs_full_ft_ratio": 0.35, "smf_step_vs_lora_ratio": 0.65,
            "smf_peak_mem_vs_full_ft_ratio": 0.50, "selection_overhead_frac": 0.05, "pkm_vs_reference_ratio": 0.80}
 STEP_METHODS = ("smf_kl", "full_ft", "lora")
+EVERY_BLOCK = "smf_kl_every_block"  # SMF-KL with the blocks below its memory run at every step
 WARMUP = 1
 SLOT_SCALING_KEYS = (128, 256, 512, 1024)  # 16k to 1M slots
 SEQ_SCALING = (64, 128, 256, 512)
@@ -63,12 +64,13 @@ class _Trainer:
     """One method's model, optimizer and batches, stepped by `train_step` exactly as `train()` steps them."""
 
     def __init__(self, retro: torch.nn.Module, tokenizer, facts: Sequence[Fact], stats: SlotStats, method: str,
-                 batch_size: int, seq_len: int) -> None:
-        self.config = TrainConfig(method=method, batch_size=batch_size, max_length=seq_len)
+                 batch_size: int, seq_len: int, reuse_lower_blocks: bool = True) -> None:
+        self.config = TrainConfig(method=method, batch_size=batch_size, max_length=seq_len,
+                                  reuse_lower_blocks=reuse_lower_blocks)
         self.accelerator = Accelerator(cpu=default_device().type == "cpu")
         model, self.optimizer, self.params_trained = make_optimizer(copy.deepcopy(retro), self.config, stats)
         self.model = self.accelerator.prepare(model.eval())
-        self.batches = Batches(facts, tokenizer, self.config, self.accelerator)
+        self.batches = Batches(facts, tokenizer, self.config, self.accelerator, model)
         self.scaler = grad_scaler(self.config, self.accelerator.device)
 
     def step(self) -> float:
@@ -79,9 +81,11 @@ class _Trainer:
 def bench_steps(retro: torch.nn.Module, tokenizer, facts: Sequence[Fact], stats: SlotStats, repeats: int,
                 device: torch.device, batch_size: int = BATCH, seq_len: int = SEQ_LEN,
                 methods: Sequence[str] = STEP_METHODS) -> dict:
-    """The trainer's step time per method, the methods' steps interleaved; and the share of an SMF step spent
-    counting slot reads and choosing the top-t rows (measured inside the same steps by the optimizer)."""
+    """The trainer's step time per method, the methods' steps interleaved, SMF's also with every block run (not
+    starting at the first memory block: prefix.py); and the share of an SMF step spent counting slot reads and
+    choosing the top-t rows (measured inside the same steps by the optimizer)."""
     trainers = {m: _Trainer(retro, tokenizer, facts, stats, m, batch_size, seq_len) for m in methods}
+    trainers[EVERY_BLOCK] = _Trainer(retro, tokenizer, facts, stats, "smf_kl", batch_size, seq_len, False)
     smf = trainers["smf_kl"].optimizer
     selection: list[float] = []
 
@@ -91,11 +95,12 @@ def bench_steps(retro: torch.nn.Module, tokenizer, facts: Sequence[Fact], stats:
 
     steps = {m: (smf_step if m == "smf_kl" else t.step) for m, t in trainers.items()}
     times = interleaved(steps, repeats, device, warmup=WARMUP)
-    seconds = {m: median(times[m]) for m in methods}
+    seconds = {m: median(times[m]) for m in trainers}
     select_s = median(selection[WARMUP:])
     return {"step_seconds": seconds,
             "smf_step_vs_full_ft_ratio": seconds["smf_kl"] / seconds["full_ft"],
             "smf_step_vs_lora_ratio": seconds["smf_kl"] / seconds["lora"],
+            "smf_step_vs_every_block_ratio": seconds["smf_kl"] / seconds[EVERY_BLOCK],
             "params_trained": {m: t.params_trained for m, t in trainers.items()},
             "selection_overhead_frac": select_s / seconds["smf_kl"], "selection_seconds": select_s,
             "selection_top_t": trainers["smf_kl"].config.top_t}
@@ -270,6 +275,7 @@ def format_table(result: dict) -> str:
     for method, seconds in result["step_seconds"].items():
         lines.append(f"  train step {method:<21}{_fmt(seconds)}")
     lines.append(f"  slot counts + top-t selection   {_fmt(result['selection_seconds'])}")
+    lines.append(f"  SMF step / with every block     {_fmt(result['smf_step_vs_every_block_ratio'])}")
     if "pkm_seconds" in result:
         pkm = result["pkm_seconds"]
         lines.append(f"  memory layer fwd+bwd ours / PKM {_fmt(pkm['ours'])} / {_fmt(pkm['reference'])}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from accelerate import Accelerator
@@ -17,6 +17,7 @@ from .data import Fact
 from .losses import next_token_losses, predicting
 from .models import default_device, pad_id
 from .optim import RULES, WRITE_ON, SparseMemoryOptimizer
+from .prefix import block_inputs, first_memory_block, forward_logits
 from .retrofit import memory_layers
 from .stats import BACKGROUND_POSITIONS, SlotStats, recording
 
@@ -52,6 +53,7 @@ class TrainConfig:
     lora_rank: int = 16
     max_length: int = 256            # tokens per training sentence, at most; a longer one is an error, never cut
     precision: str = "auto"          # the forward's autocast precision: "auto" (see autocast_dtype), "fp32", ...
+    reuse_lower_blocks: bool = True  # sparse methods: the blocks below the memory run once per sentence (prefix.py)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -107,7 +109,7 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_
     first token counts, with the unlikelihood loss -log(1 - p) (Welleck et al. 2019, arXiv 1908.04319) weighted by
     `negatives`: another subject must not be given this answer.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = forward_logits(model, batch)
     negative = negative_rows(batch)
     trained = predicting(batch["answer"] if loss_on == "answer" else batch["attention_mask"]) & ~negative
     losses = next_token_losses(logits, batch["input_ids"])
@@ -244,13 +246,23 @@ class Batches:
     """An endless stream of shuffled training batches (each sentence once per pass), this process's share each.
 
     With `config.negatives`, each sentence that names its subject before the answer brings a negative twin: the
-    same sentence about a made-up subject, drawn afresh each time (`augment.told_of_a_stranger`).
+    same sentence about a made-up subject, drawn afresh each time (`augment.told_of_a_stranger`). Given the
+    `model` of a sparse method (and `config.reuse_lower_blocks`, without negatives), each sentence carries the
+    hidden states that enter the first memory block, computed once here, and batches start there (prefix.py).
     """
 
-    def __init__(self, facts: Sequence[Fact], tokenizer, config: TrainConfig, accelerator: Accelerator) -> None:
+    def __init__(self, facts: Sequence[Fact], tokenizer, config: TrainConfig, accelerator: Accelerator,
+                 model: torch.nn.Module | None = None) -> None:
         self.examples = build_examples(facts, tokenizer, config.max_length)
         if not self.examples:
             raise ValueError("No training sentences: give at least one fact with a `train` sentence.")
+        self.start_block = None
+        reuse = config.method in SPARSE_METHODS and config.reuse_lower_blocks and not config.negatives
+        if model is not None and reuse:
+            self.start_block = first_memory_block(model)
+            hidden = block_inputs(model, self.examples, self.start_block, pad_id(tokenizer),
+                                  autocast_dtype(config, accelerator.device))
+            self.examples = [replace(e, hidden=h) for e, h in zip(self.examples, hidden)]
         self.order, self.pool, self.size = random.Random(config.seed), [], config.batch_size
         self.pad_id, self.accelerator = pad_id(tokenizer), accelerator
         self.sentences = [(f, s) for f in facts for s in f.train] if config.negatives else []
@@ -267,7 +279,8 @@ class Batches:
         ids, self.pool = self.pool[: self.size], self.pool[self.size:]
         chosen = [self.examples[i] for i in ids] + [twin for i in ids if (twin := self._twin(i))]
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        return collate(chosen[rank::world], self.pad_id, self.accelerator.device)
+        batch = collate(chosen[rank::world], self.pad_id, self.accelerator.device)
+        return batch if self.start_block is None else {**batch, "start_block": self.start_block}
 
     def _twin(self, i: int) -> Example | None:
         """A negative example for sentence `i`: the sentence about a made-up subject, or None when there is none."""
@@ -310,7 +323,7 @@ def train(
                          "prepare_memory returns (statistics loaded from a file do not keep them).")
     model, optimizer, params_trained = make_optimizer(model, config, background, accelerator)
     model = accelerator.prepare(model)
-    batches = Batches(facts, tokenizer, config, accelerator)
+    batches = Batches(facts, tokenizer, config, accelerator, accelerator.unwrap_model(model))
     scaler = grad_scaler(config, accelerator.device)
     history = History(params_trained=params_trained)
     warmup = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup))

@@ -191,15 +191,16 @@ def gpu_profile_peaks(profile: str | Profile = "gpu", model: str = QWEN_STANDIN,
 
     By default: the gpu profile on a randomly initialised model of Qwen2.5-0.5B's shape, so that a Colab T4's
     budget is estimated on any machine, offline: off a GPU in the precision a T4 trains in, on one in its own
-    precision with the CUDA allocator's peak. Each child trains the profile's batch (sequences of its `max_length`)
-    for two steps, scoring held-out text as a checkpoint does, then once more with the KL to the untrained model, as
-    the final scores do. `gpu_profile_peak_mb` is the training's peak; `run_peak_mb` includes the scoring.
+    precision with the CUDA allocator's peak. Each child trains the profile's batch of SEQ_LEN-token sequences
+    (more than twice the longest bundled training sentence, 27 tokens; `max_length` only bounds a user's) for two
+    steps, scoring held-out text as a checkpoint does, then once more with the KL to the untrained model, as the
+    final scores do. `gpu_profile_peak_mb` is the training's peak; `run_peak_mb` includes the scoring.
     """
     profile = get_profile(profile)
     device = device or torch.device("cpu")
     base = {"model": model, "memory_config": asdict(profile.memory), "device": str(device),
             "threads": torch.get_num_threads(), "steps": MEMORY_STEPS, "batch": profile.train.batch_size,
-            "seq_len": profile.train.max_length, "evaluate": True, "t4": device.type != "cuda"}
+            "seq_len": SEQ_LEN, "evaluate": True, "t4": device.type != "cuda"}
     peaks = _peaks(base, methods, together=False)  # one at a time: each may need most of the machine's memory
     run_peaks = {m: p["peak_mb"] for m, p in peaks.items()}
     return {"gpu_profile_peak_mb": {m: p["train_mb"] for m, p in peaks.items()},

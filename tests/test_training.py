@@ -13,7 +13,8 @@ from smf_lib.batches import Example, answer_tokens, build_examples, collate, cou
 from smf_lib.data import load_facts
 from smf_lib.losses import next_token_losses
 from smf_lib.optim import SparseMemoryOptimizer
-from smf_lib.retrofit import memory_layers
+from smf_lib.prefix import block_inputs, first_memory_block
+from smf_lib.retrofit import decoder_layers, memory_layers
 from smf_lib.stats import recording
 from smf_lib.training import (
     METHODS,
@@ -344,3 +345,54 @@ def test_training_with_negatives_lowers_the_answer_for_other_subjects(tiny):
     plain, contrasted = answer_probabilities(), answer_probabilities(negatives=4.0)
     assert plain[0] > 0.3 and contrasted[0] > 0.8 * plain[0]  # its own subject: learned either way
     assert contrasted[1] < 0.5 * plain[1]  # "The capital of Lamesia is" -> "Quellport"
+
+
+def _block_calls(model, block: int) -> list[int]:
+    """A list that grows by one each time decoder block `block` runs."""
+    calls = []
+    decoder_layers(model)[block].register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+def test_sparse_training_starts_at_the_first_memory_block_and_learns_the_same(tiny):
+    model, tokenizer, background = tiny
+    runs = {}
+    for reuse in (False, True):
+        copied = copy.deepcopy(model)
+        below = _block_calls(copied, 0)
+        config = TrainConfig(steps=6, batch_size=4, reuse_lower_blocks=reuse)
+        trained, history = train(copied, tokenizer, FACTS, config, background=background, progress=False)
+        runs[reuse] = trained, history, len(below)
+    (plain, plain_history, plain_calls), (reused, history, calls) = runs[False], runs[True]
+    assert first_memory_block(model) == 1
+    assert plain_calls == 6 and calls == 1  # once for every sentence's prefix, never during the steps
+    torch.testing.assert_close(history.loss, plain_history.loss)
+    for a, b in zip(memory_layers(plain), memory_layers(reused)):
+        torch.testing.assert_close(a.values.weight, b.values.weight)
+    assert len(decoder_layers(reused)) == len(decoder_layers(model))  # every block is back after training
+
+
+def test_block_inputs_are_the_states_a_full_forward_gives_that_block(tiny):
+    model, tokenizer, _ = tiny
+    examples = build_examples(FACTS, tokenizer)
+    seen = []
+    hook = decoder_layers(model)[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(**{k: v for k, v in collate(examples, tokenizer.pad_token_id, torch.device("cpu")).items()
+                     if k in ("input_ids", "attention_mask")})
+    finally:
+        hook.remove()
+    states = block_inputs(model, examples, 1, tokenizer.pad_token_id, batch_size=3)  # other batches than above
+    assert len(states) == len(examples) and not seen[1:]
+    for row, (example, state) in enumerate(zip(examples, states)):
+        assert state.shape == (len(example.input_ids), model.config.hidden_size)
+        torch.testing.assert_close(state, seen[0][row, : len(example.input_ids)])
+
+
+@pytest.mark.parametrize("config", [TrainConfig(method="full_ft"), TrainConfig(negatives=1.0),
+                                    TrainConfig(reuse_lower_blocks=False)])
+def test_batches_carry_no_hidden_states_where_lower_blocks_train_or_sentences_are_new(tiny, config):
+    model, tokenizer, _ = tiny
+    batch = Batches(FACTS, tokenizer, config, Accelerator(cpu=True), model).next()
+    assert "hidden" not in batch and "start_block" not in batch

@@ -1,0 +1,83 @@
+"""Sparse training starts at the first memory block.
+
+Sparse memory finetuning trains nothing below the lowest memory layer, so the hidden states that enter its block
+depend on the sentence alone. They are computed once per training sentence (`block_inputs`) and every training
+step runs only the blocks from there up (`forward_logits`): the same logits at every real token, without the
+forward pass through the lower blocks (`python -m smf_lib bench` measures the step's time both ways).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+
+import torch
+
+from .batches import Example, collate
+from .retrofit import decoder_layers, memory_layers
+
+
+def first_memory_block(model: torch.nn.Module) -> int:
+    """Index of the lowest decoder block that holds a memory layer."""
+    layers = memory_layers(model)
+    if not layers:
+        raise ValueError("The model has no memory layer: retrofit it first (smf_lib.retrofit).")
+    return min(m.layer_index for m in layers)
+
+
+@contextmanager
+def starting_at(model: torch.nn.Module, block: int) -> Iterator[None]:
+    """Within the block, the model's decoder runs its blocks from `block` up; `inputs_embeds` stand for the hidden
+    states that enter that block."""
+    layers = decoder_layers(model)
+    kept = list(layers)
+    del layers[:block]
+    try:
+        yield
+    finally:
+        del layers[:]
+        layers.extend(kept)
+
+
+class _Reached(Exception):
+    """Raised at the block whose inputs were wanted: nothing from there on needs to run."""
+
+
+@torch.no_grad()
+def block_inputs(model: torch.nn.Module, examples: Sequence[Example], block: int, pad_id: int,
+                 dtype: torch.dtype | None = None, batch_size: int = 32) -> list[torch.Tensor]:
+    """The hidden states entering decoder block `block` at each example's tokens, one (tokens, hidden) tensor per
+    example, computed under autocast to `dtype` (None: none) as training's forward is.
+
+    Batches are right-padded: under the causal mask a real token never sees the padding after it, so its states
+    do not depend on which sentences share its batch."""
+    body = getattr(model, "get_decoder", lambda: None)() or model
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+
+    def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        raise _Reached  # the memory's block itself must not run: its reads would be counted
+
+    out: list[torch.Tensor] = []
+    hook = decoder_layers(model)[block].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            batch = collate(chunk, pad_id, device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), suppress(_Reached):
+                body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            hidden = captured.pop()
+            out += [hidden[row, : len(e.input_ids)] for row, e in enumerate(chunk)]
+    finally:
+        hook.remove()
+    return out
+
+
+def forward_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The model's logits for a collated batch; a batch that carries the hidden states entering a block
+    (`"hidden"` and `"start_block"`, see `Batches`) runs only the blocks from there up."""
+    if "hidden" not in batch:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with starting_at(getattr(model, "module", model), batch["start_block"]):  # DDP keeps the model in .module
+        return model(inputs_embeds=batch["hidden"], attention_mask=batch["attention_mask"], use_cache=False).logits
