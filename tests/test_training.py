@@ -375,16 +375,19 @@ def test_sparse_training_starts_at_the_first_memory_block_and_learns_the_same(ti
 def test_block_inputs_are_the_states_a_full_forward_gives_that_block(tiny):
     model, tokenizer, _ = tiny
     examples = build_examples(FACTS, tokenizer)
-    seen = []
-    hook = decoder_layers(model)[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    seen, finished = [], []
+    block = decoder_layers(model)[1]
+    hooks = [block.register_forward_pre_hook(lambda module, args: seen.append(args[0])),
+             block.register_forward_hook(lambda module, args, out: finished.append(1))]
     try:
         with torch.no_grad():
             model(**{k: v for k, v in collate(examples, tokenizer.pad_token_id, torch.device("cpu")).items()
                      if k in ("input_ids", "attention_mask")})
+        states = block_inputs(model, examples, 1, tokenizer.pad_token_id, batch_size=3)  # other batches than above
     finally:
-        hook.remove()
-    states = block_inputs(model, examples, 1, tokenizer.pad_token_id, batch_size=3)  # other batches than above
-    assert len(states) == len(examples) and not seen[1:]
+        for hook in hooks:
+            hook.remove()
+    assert len(states) == len(examples) and len(finished) == 1  # the block itself ran in the full forward only
     for row, (example, state) in enumerate(zip(examples, states)):
         assert state.shape == (len(example.input_ids), model.config.hidden_size)
         torch.testing.assert_close(state, seen[0][row, : len(example.input_ids)])
