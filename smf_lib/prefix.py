@@ -15,6 +15,7 @@ import torch
 
 from .batches import Example, collate
 from .retrofit import decoder_layers, memory_layers
+from .stats import decoder_body
 
 
 def first_memory_block(model: torch.nn.Module) -> int:
@@ -51,7 +52,7 @@ def block_inputs(model: torch.nn.Module, examples: Sequence[Example], block: int
 
     Batches are right-padded: under the causal mask a real token never sees the padding after it, so its states
     do not depend on which sentences share its batch."""
-    body = getattr(model, "get_decoder", lambda: None)() or model
+    body = decoder_body(model)
     device = next(model.parameters()).device
     captured: list[torch.Tensor] = []
 
@@ -75,9 +76,10 @@ def block_inputs(model: torch.nn.Module, examples: Sequence[Example], block: int
 
 
 def forward_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """The model's logits for a collated batch; a batch that carries the hidden states entering a block
-    (`"hidden"` and `"start_block"`, see `Batches`) runs only the blocks from there up."""
+    """The model's logits for a collated batch; a batch that carries the hidden states entering the first memory
+    block (`"hidden"`, see `Batches`) runs only the blocks from there up."""
     if "hidden" not in batch:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    with starting_at(getattr(model, "module", model), batch["start_block"]):  # DDP keeps the model in .module
+    inner = getattr(model, "module", model)  # DDP keeps the model in .module
+    with starting_at(inner, first_memory_block(inner)):
         return model(inputs_embeds=batch["hidden"], attention_mask=batch["attention_mask"], use_cache=False).logits

@@ -161,13 +161,13 @@ def layer_inputs(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_
             batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                               truncation=True, max_length=max_length).to(device)
             mask[:] = [batch["attention_mask"].bool()]
-            _body(model)(**batch)
+            decoder_body(model)(**batch)
             rows = torch.arange(start, start + len(mask[0]), device=device).unsqueeze(1).expand_as(mask[0])
             text.append(rows[mask[0]])
     return LayerInputs({i: torch.cat(x) for i, x in captured.items()}, torch.cat(text), len(texts))
 
 
-def _body(model: torch.nn.Module) -> torch.nn.Module:
+def decoder_body(model: torch.nn.Module) -> torch.nn.Module:
     """The model without its language-model head: a pass that only watches the memory layers skips the logits over
     the whole vocabulary (23% of such a pass on SmolLM2-135M)."""
     return getattr(model, "get_decoder", lambda: None)() or model
@@ -199,7 +199,7 @@ def collect_background(
         for start in tqdm(range(0, len(texts), batch_size), desc="background statistics", disable=not progress):
             batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                               truncation=True, max_length=max_length).to(device)
-            _body(model)(**batch)
+            decoder_body(model)(**batch)
             mask = batch["attention_mask"].bool()
             text = torch.arange(len(mask), device=device).unsqueeze(1).expand_as(mask)[mask]
             keep = _kept(names, start, start + len(mask), mask.sum(dim=1), device)

@@ -256,11 +256,9 @@ class Batches:
         self.examples = build_examples(facts, tokenizer, config.max_length)
         if not self.examples:
             raise ValueError("No training sentences: give at least one fact with a `train` sentence.")
-        self.start_block = None
         reuse = config.method in SPARSE_METHODS and config.reuse_lower_blocks and not config.negatives
         if model is not None and reuse:
-            self.start_block = first_memory_block(model)
-            hidden = block_inputs(model, self.examples, self.start_block, pad_id(tokenizer),
+            hidden = block_inputs(model, self.examples, first_memory_block(model), pad_id(tokenizer),
                                   autocast_dtype(config, accelerator.device))
             self.examples = [replace(e, hidden=h) for e, h in zip(self.examples, hidden)]
         self.order, self.pool, self.size = random.Random(config.seed), [], config.batch_size
@@ -279,8 +277,7 @@ class Batches:
         ids, self.pool = self.pool[: self.size], self.pool[self.size:]
         chosen = [self.examples[i] for i in ids] + [twin for i in ids if (twin := self._twin(i))]
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        batch = collate(chosen[rank::world], self.pad_id, self.accelerator.device)
-        return batch if self.start_block is None else {**batch, "start_block": self.start_block}
+        return collate(chosen[rank::world], self.pad_id, self.accelerator.device)
 
     def _twin(self, i: int) -> Example | None:
         """A negative example for sentence `i`: the sentence about a made-up subject, or None when there is none."""

@@ -398,4 +398,4 @@ def test_block_inputs_are_the_states_a_full_forward_gives_that_block(tiny):
 def test_batches_carry_no_hidden_states_where_lower_blocks_train_or_sentences_are_new(tiny, config):
     model, tokenizer, _ = tiny
     batch = Batches(FACTS, tokenizer, config, Accelerator(cpu=True), model).next()
-    assert "hidden" not in batch and "start_block" not in batch
+    assert "hidden" not in batch
