@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .data import Fact, load_background
+from .data import Fact, load_background, load_facts
 from .files import write_json
 from .memory import ReadGradients
 from .models import default_device, load_base_model
@@ -64,9 +64,9 @@ class _Trainer:
     """One method's model, optimizer and batches, stepped by `train_step` exactly as `train()` steps them."""
 
     def __init__(self, retro: torch.nn.Module, tokenizer, facts: Sequence[Fact], stats: SlotStats, method: str,
-                 batch_size: int, seq_len: int, reuse_lower_blocks: bool = True) -> None:
+                 batch_size: int, seq_len: int, reuse_lower_blocks: bool = True, pack: bool = True) -> None:
         self.config = TrainConfig(method=method, batch_size=batch_size, max_length=seq_len,
-                                  reuse_lower_blocks=reuse_lower_blocks)
+                                  reuse_lower_blocks=reuse_lower_blocks, pack=pack)
         self.accelerator = Accelerator(cpu=default_device().type == "cpu")
         model, self.optimizer, self.params_trained = make_optimizer(copy.deepcopy(retro), self.config, stats)
         self.model = self.accelerator.prepare(model.eval())
@@ -104,6 +104,18 @@ def bench_steps(retro: torch.nn.Module, tokenizer, facts: Sequence[Fact], stats:
             "params_trained": {m: t.params_trained for m, t in trainers.items()},
             "selection_overhead_frac": select_s / seconds["smf_kl"], "selection_seconds": select_s,
             "selection_top_t": trainers["smf_kl"].config.top_t}
+
+
+def bench_packing(retro: torch.nn.Module, tokenizer, stats: SlotStats, repeats: int, device: torch.device,
+                  batch_size: int) -> dict:
+    """Full finetuning's step on the bundled facts' training sentences (the tune split's; sentences of many
+    lengths, unlike the bench's 64-token passages), packed and padded (packing.py), interleaved."""
+    facts = load_facts(split="tune")
+    trainers = {name: _Trainer(retro, tokenizer, facts, stats, "full_ft", batch_size, TrainConfig().max_length,
+                               pack=name == "packed") for name in ("packed", "padded")}
+    times = interleaved({name: t.step for name, t in trainers.items()}, repeats, device, warmup=WARMUP)
+    seconds = {name: median(t) for name, t in times.items()}
+    return {"packed_step_seconds": seconds, "packed_vs_padded_step_ratio": seconds["packed"] / seconds["padded"]}
 
 
 # ---------------------------------------------------------------- our memory layer vs the reference PKM
@@ -224,7 +236,7 @@ def run_bench(profile: str | Profile | None = "cpu", out: str | Path | None = No
               "hardware": hardware_info(device), "batch": [BATCH, SEQ_LEN], "warmup": WARMUP}
     # The gpu profile's budget, on a stand-in of its model, from the profiles that can run it offline.
     budget = profile.name in ("cpu", "gpu") if gpu_budget is None else gpu_budget
-    phases, clock = tqdm(total=6 + budget, desc="bench", disable=not progress), time.perf_counter()
+    phases, clock = tqdm(total=7 + budget, desc="bench", disable=not progress), time.perf_counter()
     base, retro, tokenizer, texts, stats = _prepare(profile, device, progress)
     dim = retro.get_input_embeddings().embedding_dim
     facts = long_facts(tokenizer, texts)
@@ -236,6 +248,7 @@ def run_bench(profile: str | Profile | None = "cpu", out: str | Path | None = No
     for name, measure in [
         ("forward", lambda: bench_forward(base, retro, text_batch(tokenizer, texts, device), repeats, device)),
         ("training steps", lambda: bench_steps(retro, tokenizer, facts, stats, repeats, device)),
+        ("packing", lambda: bench_packing(retro, tokenizer, stats, repeats, device, profile.train.batch_size)),
         ("peak memory", lambda: bench_memory(profile.model, retro, stats, device)),
         ("pkm reference", lambda: bench_pkm(dim, profile.memory, repeats, device)),
         ("scaling", lambda: bench_scaling(dim, profile.memory, repeats, device)),
@@ -276,6 +289,7 @@ def format_table(result: dict) -> str:
         lines.append(f"  train step {method:<21}{_fmt(seconds)}")
     lines.append(f"  slot counts + top-t selection   {_fmt(result['selection_seconds'])}")
     lines.append(f"  SMF step / with every block     {_fmt(result['smf_step_vs_every_block_ratio'])}")
+    lines.append(f"  full-FT step packed / padded    {_fmt(result['packed_vs_padded_step_ratio'])}  (bundled facts)")
     if "pkm_seconds" in result:
         pkm = result["pkm_seconds"]
         lines.append(f"  memory layer fwd+bwd ours / PKM {_fmt(pkm['ours'])} / {_fmt(pkm['reference'])}"

@@ -75,11 +75,13 @@ def block_inputs(model: torch.nn.Module, examples: Sequence[Example], block: int
     return out
 
 
-def forward_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """The model's logits for a collated batch; a batch that carries the hidden states entering the first memory
-    block (`"hidden"`, see `Batches`) runs only the blocks from there up."""
-    if "hidden" not in batch:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def forward_logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The model's logits for a batch's `inputs`: token ids, or the hidden states entering the first memory block
+    (`"hidden"`, see `Batches`; only the blocks from there up run), with an attention mask or with positions
+    (`packing.pack`)."""
+    kwargs = {key: inputs[key] for key in ("attention_mask", "position_ids") if key in inputs}
+    if "hidden" not in inputs:
+        return model(input_ids=inputs["input_ids"], use_cache=False, **kwargs).logits
     inner = getattr(model, "module", model)  # DDP keeps the model in .module
     with starting_at(inner, first_memory_block(inner)):
-        return model(inputs_embeds=batch["hidden"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return model(inputs_embeds=inputs["hidden"], use_cache=False, **kwargs).logits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -14,10 +15,11 @@ from tqdm.auto import tqdm
 from .augment import told_of_a_stranger
 from .batches import COUNT_POSITIONS, Example, answer_tokens, build_examples, collate, counted_positions, negative_rows
 from .data import Fact
-from .losses import next_token_losses, predicting
+from .losses import predicting
 from .models import default_device, pad_id
 from .optim import RULES, WRITE_ON, SparseMemoryOptimizer
-from .prefix import block_inputs, first_memory_block, forward_logits
+from .packing import packed, packs_exactly, token_losses
+from .prefix import block_inputs, first_memory_block
 from .retrofit import memory_layers
 from .stats import BACKGROUND_POSITIONS, SlotStats, recording
 
@@ -54,6 +56,7 @@ class TrainConfig:
     max_length: int = 256            # tokens per training sentence, at most; a longer one is an error, never cut
     precision: str = "auto"          # the forward's autocast precision: "auto" (see autocast_dtype), "fp32", ...
     reuse_lower_blocks: bool = True  # sparse methods: the blocks below the memory run once per sentence (prefix.py)
+    pack: bool = True                # a batch's sentences run as one row, without padding (packing.py)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,19 +103,19 @@ class History:
     params_trained: int = 0
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_on: str,
-                   floor: float = 0.0, negatives: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_on: str, floor: float = 0.0,
+                   negatives: float = 0.0, pack: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss over the trained tokens of the positive sentences, and how many tokens that is.
 
     A token already predicted with a loss below `floor` gives no gradient (the clamp's): training stops pushing what
     it has learned, so the weights move no further than learning needs. In a negative sentence only the answer's
     first token counts, with the unlikelihood loss -log(1 - p) (Welleck et al. 2019, arXiv 1908.04319) weighted by
-    `negatives`: another subject must not be given this answer.
+    `negatives`: another subject must not be given this answer. With `pack` the batch's sentences run as one row
+    (packing.py).
     """
-    logits = forward_logits(model, batch)
     negative = negative_rows(batch)
     trained = predicting(batch["answer"] if loss_on == "answer" else batch["attention_mask"]) & ~negative
-    losses = next_token_losses(logits, batch["input_ids"])
+    losses = token_losses(model, batch, pack)
     unlikely = _unlikelihood(losses, batch["answer"], negative) if negatives else 0.0
     if floor:
         losses = losses.clamp_min(floor)
@@ -219,13 +222,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     processes. The forward runs under autocast as `autocast_dtype` says; `scaler` scales the loss of an fp16 step.
     """
     if isinstance(optimizer, SparseMemoryOptimizer):
-        optimizer.count_at(counted_positions(batch, config.count_on))
+        positions = counted_positions(batch, config.count_on)
+        optimizer.count_at(packed(positions, batch["attention_mask"]) if config.pack else positions)
     device = batch["input_ids"].device
     dtype = autocast_dtype(config, device)
     if dtype == torch.float16 and scaler is None:
         raise ValueError("An fp16 training step needs a loss scaler: pass grad_scaler(config, device).")
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        loss_sum, n_local = token_loss_sum(model, batch, config.loss_on, config.loss_floor, config.negatives)
+        loss_sum, n_local = token_loss_sum(model, batch, config.loss_on, config.loss_floor, config.negatives,
+                                           config.pack)
         n_tokens = accelerator.reduce(n_local.float(), "sum")
         loss = loss_sum * accelerator.num_processes / n_tokens.clamp_min(1)
         if config.locality and isinstance(optimizer, SparseMemoryOptimizer):
@@ -321,6 +326,7 @@ def train(
     model, optimizer, params_trained = make_optimizer(model, config, background, accelerator)
     model = accelerator.prepare(model)
     batches = Batches(facts, tokenizer, config, accelerator, accelerator.unwrap_model(model))
+    config = _packing_checked(config, accelerator.unwrap_model(model), batches)
     scaler = grad_scaler(config, accelerator.device)
     history = History(params_trained=params_trained)
     warmup = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup))
@@ -348,6 +354,18 @@ def train(
     for p in model.parameters():
         p.requires_grad_(False)
     return model, history
+
+
+def _packing_checked(config: TrainConfig, model: torch.nn.Module, batches: Batches) -> TrainConfig:
+    """The configuration, with packing turned off (and a warning) if this model gives packed sentences other
+    losses than padded ones: its attention would let them see each other."""
+    two = collate(batches.examples[:2], batches.pad_id, batches.accelerator.device)
+    if not config.pack or packs_exactly(model, two):
+        return config
+    warnings.warn(f"{type(model).__name__} does not keep packed sentences apart (its attention mask ignores "
+                  "position_ids), so training pads each batch instead, which is slower; TrainConfig(pack=False) "
+                  "says so without this check.", stacklevel=3)
+    return replace(config, pack=False)
 
 
 def _checkpoint(history: History, result: dict | None) -> bool:

@@ -30,6 +30,7 @@ def test_written_file_equals_the_result(bench_run):
     assert json.loads(out.read_text()) == result
     assert result["profile"] == "tiny" and result["repeats"] == 2
     assert result["memory_measured_by"] and result["hardware"]["torch"]
+    assert set(result["packed_step_seconds"]) == {"packed", "padded"} and result["packed_vs_padded_step_ratio"] > 0
 
 
 def test_scaling_lists(bench_run):

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "smf_lib"
 # The pipeline, top to bottom: each module may import only modules listed before it.
 ORDER = ["files", "timing", "hub", "losses", "models", "memory", "retrofit", "data", "augment", "stats", "calibration",
-         "healing", "pipeline", "selection", "optim", "batches", "prefix", "training", "gates", "profiles",
+         "healing", "pipeline", "selection", "optim", "batches", "prefix", "packing", "training", "gates", "profiles",
          "evaluation", "analysis", "patches", "report", "experiment", "tuning", "plots", "ablation", "stream_report",
          "stream", "training_plots", "reads", "widgets", "figures", "workloads", "bench", "__main__"]
 
