@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("--round-dropout", type=float, default=None, metavar="P",
                         help="take each earlier round's patch out at a training step with probability P "
                              "(default 0.5 with locked rounds, else 0)")
+    stream.add_argument("--seed", type=int, default=0, help="seed of the memory, its gates and training (default 0)")
     bench.add_argument("--out", default=None, help="output file (default results/bench-<profile>.json)")
     return parser
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_stream(run_stream(profile, args.methods, args.rounds, args.out, lock=not args.share_rows,
                                            round_dropout=args.round_dropout, facts_per_round=args.facts_per_round,
-                                           fit_gates=args.fit_gates)))
+                                           fit_gates=args.fit_gates, seed=args.seed)))
             print(f"Results written to {args.out or f'results/stream-{profile}/'}")
         else:
             from .bench import format_table, run_bench

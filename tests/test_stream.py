@@ -190,6 +190,12 @@ def test_bad_rounds_fail_with_a_clear_error(option, message, capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_the_command_line_takes_the_seed(tmp_path):
+    args = ["--methods", "smf_kl", "--rounds", "2", "--facts-per-round", "1", "--fit-gates", "0", "--seed", "3"]
+    assert main(["stream", "--profile", "tiny", *args, "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["seed"] == 3
+
+
 def test_a_stream_with_trained_gates_is_refused_before_anything_loads(tmp_path):
     with pytest.raises(ValueError, match="run the stream with gate_lr=0"):
         run_stream("tiny", ["smf_kl"], rounds=2, out=tmp_path, hypers={"smf_kl": {"gate_lr": 1e-3}}, progress=False)
