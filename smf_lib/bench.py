@@ -1,6 +1,6 @@
 """The performance suite behind `python -m smf_lib bench`: the retrofitted model against its base, one SMF training
-step against full finetuning and LoRA, the cost of slot selection, peak memory, and our memory layer against the
-`product-key-memory` package's `PKM`.
+step against full finetuning and LoRA, a batch packed against padded, the cost of slot selection, peak memory, and
+our memory layer against the `product-key-memory` package's `PKM`.
 
 Everything compared is measured side by side in one process (peak memory: one short child process per method,
 since a process's peak RSS never goes down), as medians of repeated runs after warm-up.
