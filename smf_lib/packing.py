@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import next_token_losses
+from .losses import next_token_losses, predicting
 from .prefix import forward_logits
 
 
@@ -52,8 +52,6 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], pack_ba
 def packs_exactly(model: torch.nn.Module, batch: dict[str, torch.Tensor], tolerance: float = 1e-3) -> bool:
     """Whether the model gives a batch the same losses packed as padded, which needs an attention mask that
     honours `position_ids` (transformers' Llama, Qwen and most decoders); compared at every trained position."""
-    mask = batch["attention_mask"].bool()
-    trained = mask & mask.roll(-1, dims=1)
-    trained[:, -1] = False
+    trained = predicting(batch["attention_mask"].bool())  # right padding: a real token precedes every real token
     difference = (token_losses(model, batch) - token_losses(model, batch, False))[trained].abs()
     return bool(difference.max() <= tolerance) if difference.numel() else True

@@ -359,8 +359,9 @@ def train(
 def _packing_checked(config: TrainConfig, model: torch.nn.Module, batches: Batches) -> TrainConfig:
     """The configuration, with packing turned off (and a warning) if this model gives packed sentences other
     losses than padded ones: its attention would let them see each other."""
-    two = collate(batches.examples[:2], batches.pad_id, batches.accelerator.device)
-    if not config.pack or packs_exactly(model, two):
+    if not config.pack:
+        return config
+    if packs_exactly(model, collate(batches.examples[:2], batches.pad_id, batches.accelerator.device)):
         return config
     warnings.warn(f"{type(model).__name__} does not keep packed sentences apart (its attention mask ignores "
                   "position_ids), so training pads each batch instead, which is slower; TrainConfig(pack=False) "
