@@ -1,7 +1,7 @@
 """Sparse training starts at the first memory block.
 
-Sparse memory finetuning trains nothing below the lowest memory layer, so the hidden states that enter its block
-depend on the sentence alone. They are computed once per training sentence (`block_inputs`) and every training
+Sparse memory finetuning trains nothing below the lowest memory layer (nor does finetuning the memory blocks'
+MLPs alone), so the hidden states that enter its block depend on the sentence alone. They are computed once per training sentence (`block_inputs`) and every training
 step runs only the blocks from there up (`forward_logits`): the same logits at every real token, without the
 forward pass through the lower blocks (`python -m smf_lib bench` measures the step's time both ways).
 """

@@ -20,13 +20,14 @@ from .models import default_device, pad_id
 from .optim import RULES, WRITE_ON, SparseMemoryOptimizer
 from .packing import packed, packs_exactly, token_losses
 from .prefix import block_inputs, first_memory_block
-from .retrofit import memory_layers
+from .retrofit import decoder_layers, memory_layers
 from .stats import BACKGROUND_POSITIONS, SlotStats, recording
 
 SPARSE_METHODS = ("smf_kl", "smf_tfidf", "smf_random")
 DENSE_METHODS = ("full_ft", "lora")
 METHODS = SPARSE_METHODS + DENSE_METHODS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DENSE_SCOPES = ("all", "memory_mlps")  # full finetuning: every base parameter, or the MLPs beside the memory
 LOCALITY_TOKENS = 1024  # background tokens sampled per step for the locality term
 DEFAULT_LR = {"smf_kl": 3.0, "smf_tfidf": 3.0, "smf_random": 3.0, "full_ft": 3e-5, "lora": 3e-4}
 
@@ -52,10 +53,11 @@ class TrainConfig:
     gate_lr: float = 0.0             # sparse methods: Adam's rate for the memory's output gates (0: frozen)
     row_dropout: float = 0.0         # sparse methods: probability that a value row is left out of a step's reads
     negatives: float = 0.0           # weight of the unlikelihood of the answer in sentences about made-up subjects
+    dense_scope: str = "all"         # full finetuning: one of DENSE_SCOPES (see make_optimizer)
     lora_rank: int = 16
     max_length: int = 256            # tokens per training sentence, at most; a longer one is an error, never cut
     precision: str = "auto"          # the forward's autocast precision: "auto" (see autocast_dtype), "fp32", ...
-    reuse_lower_blocks: bool = True  # sparse methods: the blocks below the memory run once per sentence (prefix.py)
+    reuse_lower_blocks: bool = True  # nothing trained below the memory: its lower blocks run once per sentence
     pack: bool = True                # a batch's sentences run as one row, without padding (packing.py)
     seed: int = 0
 
@@ -83,6 +85,9 @@ class TrainConfig:
             raise ValueError(f"negatives must be a loss weight >= 0, got {self.negatives}.")
         if self.warmup < 0:
             raise ValueError(f"warmup must be a number of steps >= 0, got {self.warmup}.")
+        if self.dense_scope not in DENSE_SCOPES or (self.dense_scope != "all" and self.method != "full_ft"):
+            raise ValueError(f"dense_scope must be one of {', '.join(DENSE_SCOPES)}, and other than 'all' only for "
+                             f"full_ft; got {self.dense_scope!r} for {self.method}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.precision == "fp16" and self.method in SPARSE_METHODS:
@@ -138,6 +143,9 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, background: Slot
 
     Sparse methods get a `SparseMemoryOptimizer` on the value tables (slot counts summed across processes when an
     `accelerator` runs several); full finetuning trains every base parameter and LoRA its adapters, both with AdamW.
+    With `dense_scope="memory_mlps"` full finetuning trains only the MLPs of the blocks that hold memory layers:
+    a dense update in the place where the memory writes (the single-layer finetuning baseline of Zhu et al. 2020,
+    arXiv 2012.00363), which tells what the memory's sparsity costs apart from its place.
     """
     if config.method in SPARSE_METHODS:
         reduce = None if accelerator is None or accelerator.num_processes == 1 else (
@@ -159,12 +167,24 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, background: Slot
                                                  lora_dropout=0.0, target_modules=targets))
     else:
         memory = {id(p) for m in memory_layers(model) for p in m.parameters()}
-        for p in model.parameters():
+        for p in _dense_parameters(model, config.dense_scope):
             p.requires_grad_(id(p) not in memory)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one pass over each tensor instead of a dozen elementwise ops (CPU and CUDA both have the kernel)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     return model, optimizer, sum(p.numel() for p in params)
+
+
+def _dense_parameters(model: torch.nn.Module, scope: str) -> list[torch.nn.Parameter]:
+    """The parameters full finetuning may train: all, or those of the MLPs beside the memory layers."""
+    if scope == "all":
+        return list(model.parameters())
+    blocks = decoder_layers(model)
+    mlps = [blocks[m.layer_index].mlp.mlp for m in memory_layers(model)]
+    if not mlps or any(mlp is None for mlp in mlps):
+        raise ValueError("dense_scope='memory_mlps' trains the MLPs beside the memory layers: retrofit the model "
+                         "with memory layers in additive mode (MemoryConfig(mode='additive')).")
+    return [p for mlp in mlps for p in mlp.parameters()]
 
 
 def locality_penalty(model: torch.nn.Module, inputs: dict[int, torch.Tensor], n_tokens: int,
@@ -253,7 +273,8 @@ class Batches:
     With `config.negatives`, each sentence that names its subject before the answer brings a negative twin: the
     same sentence about a made-up subject, drawn afresh each time (`augment.told_of_a_stranger`). Given the
     `model` of a sparse method (and `config.reuse_lower_blocks`, without negatives), each sentence carries the
-    hidden states that enter the first memory block, computed once here, and batches start there (prefix.py).
+    hidden states that enter the first memory block, computed once here, and batches start there (prefix.py);
+    so does full finetuning of the memory blocks' MLPs (`dense_scope`), which trains nothing below them either.
     """
 
     def __init__(self, facts: Sequence[Fact], tokenizer, config: TrainConfig, accelerator: Accelerator,
@@ -261,7 +282,8 @@ class Batches:
         self.examples = build_examples(facts, tokenizer, config.max_length)
         if not self.examples:
             raise ValueError("No training sentences: give at least one fact with a `train` sentence.")
-        reuse = config.method in SPARSE_METHODS and config.reuse_lower_blocks and not config.negatives
+        above = config.method in SPARSE_METHODS or config.dense_scope == "memory_mlps"  # nothing trained below
+        reuse = above and config.reuse_lower_blocks and not config.negatives
         if model is not None and reuse:
             hidden = block_inputs(model, self.examples, first_memory_block(model), pad_id(tokenizer),
                                   autocast_dtype(config, accelerator.device))

@@ -94,6 +94,10 @@ def test_bad_config_is_rejected():
         TrainConfig(write_on="answer")
     with pytest.raises(ValueError, match="locality term"):
         TrainConfig(write_on="counted", locality=1.0)
+    with pytest.raises(ValueError, match="dense_scope"):
+        TrainConfig(method="lora", dense_scope="memory_mlps")
+    with pytest.raises(ValueError, match="dense_scope"):
+        TrainConfig(method="full_ft", dense_scope="attention")
 
 
 def test_a_long_training_sentence_keeps_its_answer_or_is_refused(tiny):
@@ -370,6 +374,28 @@ def test_sparse_training_starts_at_the_first_memory_block_and_learns_the_same(ti
     for a, b in zip(memory_layers(plain), memory_layers(reused)):
         torch.testing.assert_close(a.values.weight, b.values.weight)
     assert len(decoder_layers(reused)) == len(decoder_layers(model))  # every block is back after training
+
+
+def test_finetuning_the_memory_blocks_mlps_trains_them_alone_and_starts_at_their_block(tiny):
+    model, tokenizer, _ = tiny
+    runs = {}
+    for reuse in (False, True):
+        copied = copy.deepcopy(model)
+        below = _block_calls(copied, 0)
+        config = TrainConfig(method="full_ft", dense_scope="memory_mlps", steps=4, batch_size=4, lr=1e-2,
+                             reuse_lower_blocks=reuse, pack=False)
+        runs[reuse] = (*train(copied, tokenizer, FACTS, config, progress=False), len(below))
+    (plain, plain_history, plain_calls), (reused, history, calls) = runs[False], runs[True]
+    assert plain_calls == 4 and calls == 1  # the lower blocks ran once per sentence, not at each step
+    torch.testing.assert_close(history.loss, plain_history.loss)
+    blocks, trained = decoder_layers(model), {f"layers.{m.layer_index}.mlp.mlp." for m in memory_layers(model)}
+    before, after = dict(model.named_parameters()), dict(reused.named_parameters())
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert len(trained) == 2 and moved and all(any(t in name for t in trained) for name in moved)
+    assert history.params_trained == sum(p.numel() for m in memory_layers(model)
+                                         for p in blocks[m.layer_index].mlp.mlp.parameters())
+    for name in moved:
+        torch.testing.assert_close(after[name], dict(plain.named_parameters())[name])
 
 
 def test_block_inputs_are_the_states_a_full_forward_gives_that_block(tiny):
