@@ -12,6 +12,8 @@ import torch
 from .data import Fact, KnownFact
 from .losses import next_token_losses
 from .models import pad_id
+from .prefix import entering, first_memory_block, forward_logits, same_below
+from .retrofit import memory_layers
 
 
 def _normalise(text: str) -> list[str]:
@@ -81,6 +83,15 @@ def _answered(completions: Sequence[str], known: Sequence[KnownFact]) -> list[bo
 
 
 @dataclass
+class TextStates:
+    """Hidden states entering decoder block `block`, one tensor per batch of held-out texts (`text_states`)."""
+
+    block: int
+    hidden: list[torch.Tensor]
+    source: torch.nn.Module  # the model they were computed on
+
+
+@dataclass
 class TextScores:
     """Held-out text, scored per text: summed next-token loss, token count and, against a reference model, summed
     KL divergence KL(p_reference || p_model) over the same tokens."""
@@ -100,30 +111,63 @@ class TextScores:
         return float(self.kl.sum() / self.tokens.sum().clamp_min(1)) if self.kl is not None else float("nan")
 
 
-@torch.no_grad()
-def score_texts(model, tokenizer, texts: Sequence[str], reference=None, batch_size: int = 8,
-                max_length: int = 256) -> TextScores:
-    """Score each text on its own (truncated to `max_length` tokens): loss per text, and KL to `reference`."""
-    device = next(model.parameters()).device
-    nll, tokens, kl = [], [], []
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # the mask below assumes right padding
+def _text_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, device: torch.device):
+    """`score_texts`' batches: right-padded (the loss mask assumes it), each text truncated to `max_length`."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
     try:
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                              truncation=True, max_length=max_length).to(device)
-            mask = batch["attention_mask"][:, 1:].float()
-            logits = model(**batch).logits.float()
-            nll.append((next_token_losses(logits, batch["input_ids"])[:, :-1] * mask).sum(1).cpu())
-            tokens.append(mask.sum(1).cpu())
-            if reference is not None:
-                log_p = torch.log_softmax(logits[:, :-1], dim=-1)
-                log_ref = torch.log_softmax(reference(**batch).logits[:, :-1].float(), dim=-1)
-                per_token = (log_ref.exp() * (log_ref - log_p)).sum(-1)
-                kl.append((per_token * mask).sum(1).cpu())
+            yield tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_length).to(device)
     finally:
         tokenizer.padding_side = side
+
+
+@torch.no_grad()
+def text_states(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 256) -> TextStates:
+    """The hidden states entering `model`'s first memory block for each of `score_texts`' batches of `texts`."""
+    block = first_memory_block(model)
+    device = next(model.parameters()).device
+    return TextStates(block, [entering(model, block, b["input_ids"], b["attention_mask"])
+                              for b in _text_batches(tokenizer, texts, batch_size, max_length, device)], model)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, texts: Sequence[str], reference=None, batch_size: int = 8,
+                max_length: int = 256, states: TextStates | None = None) -> TextScores:
+    """Score each text on its own (truncated to `max_length` tokens): loss per text, and KL to `reference`.
+
+    With `states` (`text_states` of these texts, on a model whose lower blocks `model` and `reference` share:
+    `prefix.same_below`) each forward starts at the first memory block: the same scores without the blocks below.
+    """
+    if states is not None and states.block != first_memory_block(model):
+        raise ValueError(f"The states enter block {states.block}, but this model's first memory block is "
+                         f"{first_memory_block(model)}: compute them with text_states on a model like this one.")
+    device = next(model.parameters()).device
+    nll, tokens, kl = [], [], []
+    for i, batch in enumerate(_text_batches(tokenizer, texts, batch_size, max_length, device)):
+        inputs = {"attention_mask": batch["attention_mask"],
+                  **({"hidden": states.hidden[i]} if states else {"input_ids": batch["input_ids"]})}
+        mask = batch["attention_mask"][:, 1:].float()
+        logits = forward_logits(model, inputs).float()
+        nll.append((next_token_losses(logits, batch["input_ids"])[:, :-1] * mask).sum(1).cpu())
+        tokens.append(mask.sum(1).cpu())
+        if reference is not None:
+            log_p = torch.log_softmax(logits[:, :-1], dim=-1)
+            log_ref = torch.log_softmax(forward_logits(reference, inputs)[:, :-1].float(), dim=-1)
+            per_token = (log_ref.exp() * (log_ref - log_p)).sum(-1)
+            kl.append((per_token * mask).sum(1).cpu())
     return TextScores(torch.cat(nll).double(), torch.cat(tokens).double(),
                       torch.cat(kl).double() if kl else None)
+
+
+def heldout_scores(model, base, tokenizer, texts: Sequence[str], cache: list[TextStates], kl: bool = False
+                   ) -> TextScores:
+    """`score_texts` (with `kl`, against `base`), starting at the first memory block when `model` shares `base`'s
+    lower blocks, as sparse training leaves them: the states entering it are computed once, kept in `cache`."""
+    shared = bool(memory_layers(model)) and same_below(model, base, first_memory_block(model))
+    if shared and not (cache and cache[0].source is base):
+        cache[:] = [text_states(base, tokenizer, texts)]
+    return score_texts(model, tokenizer, texts, reference=base if kl else None, states=cache[0] if shared else None)
 
 
 @torch.no_grad()

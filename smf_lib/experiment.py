@@ -24,6 +24,7 @@ from .evaluation import (
     complete,
     contains_answer,
     fact_recall,
+    heldout_scores,
     hit_rate,
     known_correct,
     score_texts,
@@ -63,6 +64,7 @@ class Setup:
     heal: dict | None = None  # what healing did (replace mode only)
     base_known_nll: torch.Tensor | None = None  # each known fact's answer loss before training
     unknown: list[KnownFact] = field(default_factory=list)  # the split's known facts it does not answer: gains
+    text_states: list = field(default_factory=list)  # held-out text's states at the first memory block, once
 
 
 def split_facts(profile: Profile, split: str, facts_path: str | Path | None = None) -> list[Fact]:
@@ -189,8 +191,8 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool, graded: bool = Tru
         gained = sum(contains_answer(c, k.answers()) for c, k in zip(missed, unknown))
         # Near ties flip both ways under any change: gains beside losses, in units of the facts the base answers.
         scores["known_fact_gain_pct"] = 100 * gained / max(len(setup.known), 1)
-    reference = setup.model if full and model is not setup.model else None
-    return scores, known_ok, known_nll, score_texts(model, tok, setup.heldout, reference=reference), hits
+    texts = heldout_scores(model, setup.model, tok, setup.heldout, setup.text_states, full and model != setup.model)
+    return scores, known_ok, known_nll, texts, hits
 
 
 def _known_nll(setup: Setup, model: torch.nn.Module) -> torch.Tensor:
@@ -339,9 +341,8 @@ def method_summary(setup: Setup, run: MethodRun) -> dict:
     final = evaluate(setup, run.model)
     target = setup.profile.run.target_recall
     return {**final, "lr": run.hyper["lr"], "hyper": run.hyper,
-            "at_matched_recall": at_matched_recall(run.checkpoints, target), "target_reached":
-            any(c["fact_recall"] >= target for c in run.checkpoints),
-            "params_trained": run.params_trained,
+            "at_matched_recall": at_matched_recall(run.checkpoints, target), "params_trained": run.params_trained,
+            "target_reached": any(c["fact_recall"] >= target for c in run.checkpoints),
             "params_changed": sum(r["changed"] for r in parameter_changes(setup.model, run.model)),
             "steps": run.steps, "train_seconds": run.train_seconds, "peak_rss_mb": run.peak_mb}
 

@@ -1,9 +1,10 @@
-"""Sparse training starts at the first memory block.
+"""Sparse training, and scoring a sparsely trained model, start at the first memory block.
 
-Sparse memory finetuning trains nothing below the lowest memory layer (nor does finetuning the memory blocks'
-MLPs alone), so the hidden states that enter its block depend on the sentence alone. They are computed once per training sentence (`block_inputs`) and every training
-step runs only the blocks from there up (`forward_logits`): the same logits at every real token, without the
-forward pass through the lower blocks (`python -m smf_lib bench` measures the step's time both ways).
+Sparse memory finetuning trains nothing below the lowest memory layer (nor does finetuning the memory blocks' MLPs
+alone), so the hidden states that enter its block depend on the text alone. They are computed once per training
+sentence (`block_inputs`) and every training step runs only the blocks from there up (`forward_logits`): the same
+logits at every real token, without the forward pass through the lower blocks (`python -m smf_lib bench` measures
+the step's time both ways). Held-out text is scored the same way (`evaluation.heldout_scores`, `same_below`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,26 @@ class _Reached(Exception):
 
 
 @torch.no_grad()
+def entering(model: torch.nn.Module, block: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The hidden states entering decoder block `block` for one right-padded batch, under autocast to `dtype`
+    (None: none); neither that block nor any above it runs (a memory block's reads would be counted)."""
+    captured: list[torch.Tensor] = []
+
+    def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        raise _Reached
+
+    hook = decoder_layers(model)[block].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype is not None), suppress(_Reached):
+            decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+@torch.no_grad()
 def block_inputs(model: torch.nn.Module, examples: Sequence[Example], block: int, pad_id: int,
                  dtype: torch.dtype | None = None, batch_size: int = 32) -> list[torch.Tensor]:
     """The hidden states entering decoder block `block` at each example's tokens, one (tokens, hidden) tensor per
@@ -52,27 +73,25 @@ def block_inputs(model: torch.nn.Module, examples: Sequence[Example], block: int
 
     Batches are right-padded: under the causal mask a real token never sees the padding after it, so its states
     do not depend on which sentences share its batch."""
-    body = decoder_body(model)
     device = next(model.parameters()).device
-    captured: list[torch.Tensor] = []
-
-    def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append(args[0] if args else kwargs["hidden_states"])
-        raise _Reached  # the memory's block itself must not run: its reads would be counted
-
     out: list[torch.Tensor] = []
-    hook = decoder_layers(model)[block].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
-            batch = collate(chunk, pad_id, device)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), suppress(_Reached):
-                body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            hidden = captured.pop()
-            out += [hidden[row, : len(e.input_ids)] for row, e in enumerate(chunk)]
-    finally:
-        hook.remove()
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = collate(chunk, pad_id, device)
+        hidden = entering(model, block, batch["input_ids"], batch["attention_mask"], dtype)
+        out += [hidden[row, : len(e.input_ids)] for row, e in enumerate(chunk)]
     return out
+
+
+def same_below(model: torch.nn.Module, reference: torch.nn.Module, block: int) -> bool:
+    """Whether everything that feeds decoder block `block` (the input embeddings and the blocks below) is
+    `reference`'s, bit for bit: then hidden states computed there on `reference` hold for `model` too."""
+    def below(m: torch.nn.Module) -> list[torch.Tensor]:
+        return [m.get_input_embeddings().weight, *(p for b in decoder_layers(m)[:block] for p in b.parameters())]
+
+    mine, theirs = below(model), below(reference)
+    return len(mine) == len(theirs) and all(a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+                                            for a, b in zip(mine, theirs))
 
 
 def forward_logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:

@@ -140,7 +140,7 @@ def test_known_facts_the_base_model_missed_count_as_gains_when_answered_now(monk
     monkeypatch.setattr(experiment, "complete", lambda m, t, prompts: [
         "yes" if p in now_answered else "no" for p in prompts])
     monkeypatch.setattr(experiment, "_known_nll", lambda s, m: torch.zeros(len(s.known)))
-    monkeypatch.setattr(experiment, "score_texts", lambda *a, **k: TextScores(torch.ones(1), torch.ones(1)))
+    monkeypatch.setattr(experiment, "heldout_scores", lambda *a, **k: TextScores(torch.ones(1), torch.ones(1)))
     setup = experiment.Setup(None, "test", object(), None, [], known, [], None, {}, None, {}, unknown=unknown)
     scores, known_ok, *_ = experiment._scores(setup, object(), full=True)
     assert known_ok == [True, False, False, False]
