@@ -1,6 +1,7 @@
 """The performance suite behind `python -m smf_lib bench`: the retrofitted model against its base, one SMF training
-step against full finetuning and LoRA, a batch packed against padded, the cost of slot selection, peak memory, and
-our memory layer against the `product-key-memory` package's `PKM`.
+step against full finetuning and LoRA, a batch packed against padded, held-out text scored from the first memory
+block against a full forward, the cost of slot selection, peak memory, and our memory layer against the
+`product-key-memory` package's `PKM`.
 
 Everything compared is measured side by side in one process (peak memory: one short child process per method,
 since a process's peak RSS never goes down), as medians of repeated runs after warm-up.
@@ -22,7 +23,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .data import Fact, load_background, load_facts
+from .data import Fact, load_background, load_facts, load_heldout_text
+from .evaluation import score_texts, text_states
 from .files import write_json
 from .memory import ReadGradients
 from .models import default_device, load_base_model
@@ -116,6 +118,19 @@ def bench_packing(retro: torch.nn.Module, tokenizer, stats: SlotStats, repeats: 
     times = interleaved({name: t.step for name, t in trainers.items()}, repeats, device, warmup=WARMUP)
     seconds = {name: median(t) for name, t in times.items()}
     return {"packed_step_seconds": seconds, "packed_vs_padded_step_ratio": seconds["packed"] / seconds["padded"]}
+
+
+def bench_heldout_scoring(retro: torch.nn.Module, tokenizer, repeats: int, device: torch.device,
+                          n_texts: int = 16) -> dict:
+    """Scoring held-out paragraphs as every checkpoint does (`score_texts`): with a full forward, and from the
+    states entering the first memory block, as for a model whose lower blocks are the base's (`heldout_scores`)."""
+    texts = load_heldout_text()[:n_texts]
+    states = text_states(retro, tokenizer, texts)
+    fns = {"full": lambda: score_texts(retro, tokenizer, texts),
+           "from_memory": lambda: score_texts(retro, tokenizer, texts, states=states)}
+    seconds = {name: median(t) for name, t in interleaved(fns, repeats, device, warmup=WARMUP).items()}
+    return {"heldout_scoring_seconds": seconds,
+            "heldout_scoring_from_memory_ratio": seconds["from_memory"] / seconds["full"]}
 
 
 # ---------------------------------------------------------------- our memory layer vs the reference PKM
@@ -236,7 +251,7 @@ def run_bench(profile: str | Profile | None = "cpu", out: str | Path | None = No
               "hardware": hardware_info(device), "batch": [BATCH, SEQ_LEN], "warmup": WARMUP}
     # The gpu profile's budget, on a stand-in of its model, from the profiles that can run it offline.
     budget = profile.name in ("cpu", "gpu") if gpu_budget is None else gpu_budget
-    phases, clock = tqdm(total=7 + budget, desc="bench", disable=not progress), time.perf_counter()
+    phases, clock = tqdm(total=8 + budget, desc="bench", disable=not progress), time.perf_counter()
     base, retro, tokenizer, texts, stats = _prepare(profile, device, progress)
     dim = retro.get_input_embeddings().embedding_dim
     facts = long_facts(tokenizer, texts)
@@ -249,6 +264,7 @@ def run_bench(profile: str | Profile | None = "cpu", out: str | Path | None = No
         ("forward", lambda: bench_forward(base, retro, text_batch(tokenizer, texts, device), repeats, device)),
         ("training steps", lambda: bench_steps(retro, tokenizer, facts, stats, repeats, device)),
         ("packing", lambda: bench_packing(retro, tokenizer, stats, repeats, device, profile.train.batch_size)),
+        ("held-out scoring", lambda: bench_heldout_scoring(retro, tokenizer, repeats, device)),
         ("peak memory", lambda: bench_memory(profile.model, retro, stats, device)),
         ("pkm reference", lambda: bench_pkm(dim, profile.memory, repeats, device)),
         ("scaling", lambda: bench_scaling(dim, profile.memory, repeats, device)),
@@ -290,6 +306,7 @@ def format_table(result: dict) -> str:
     lines.append(f"  slot counts + top-t selection   {_fmt(result['selection_seconds'])}")
     lines.append(f"  SMF step / with every block     {_fmt(result['smf_step_vs_every_block_ratio'])}")
     lines.append(f"  full-FT step packed / padded    {_fmt(result['packed_vs_padded_step_ratio'])}  (bundled facts)")
+    lines.append(f"  held-out scoring from memory / full {_fmt(result['heldout_scoring_from_memory_ratio'])}")
     if "pkm_seconds" in result:
         pkm = result["pkm_seconds"]
         lines.append(f"  memory layer fwd+bwd ours / PKM {_fmt(pkm['ours'])} / {_fmt(pkm['reference'])}"

@@ -31,6 +31,8 @@ def test_written_file_equals_the_result(bench_run):
     assert result["profile"] == "tiny" and result["repeats"] == 2
     assert result["memory_measured_by"] and result["hardware"]["torch"]
     assert set(result["packed_step_seconds"]) == {"packed", "padded"} and result["packed_vs_padded_step_ratio"] > 0
+    assert set(result["heldout_scoring_seconds"]) == {"full", "from_memory"}
+    assert result["heldout_scoring_from_memory_ratio"] > 0
 
 
 def test_scaling_lists(bench_run):
