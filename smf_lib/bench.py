@@ -306,7 +306,7 @@ def format_table(result: dict) -> str:
     lines.append(f"  slot counts + top-t selection   {_fmt(result['selection_seconds'])}")
     lines.append(f"  SMF step / with every block     {_fmt(result['smf_step_vs_every_block_ratio'])}")
     lines.append(f"  full-FT step packed / padded    {_fmt(result['packed_vs_padded_step_ratio'])}  (bundled facts)")
-    lines.append(f"  held-out scoring from memory / full {_fmt(result['heldout_scoring_from_memory_ratio'])}")
+    lines.append(f"  held-out text from block / full {_fmt(result['heldout_scoring_from_memory_ratio'])}")
     if "pkm_seconds" in result:
         pkm = result["pkm_seconds"]
         lines.append(f"  memory layer fwd+bwd ours / PKM {_fmt(pkm['ours'])} / {_fmt(pkm['reference'])}"
