@@ -11,6 +11,7 @@ from smf_lib.models import load_base_model
 from smf_lib.optim import SparseMemoryOptimizer
 from smf_lib.pipeline import prepare_memory
 from smf_lib.profiles import get_profile
+from smf_lib.retrofit import decoder_layers
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +54,19 @@ def checked_steps(monkeypatch):
 
     monkeypatch.setattr(SparseMemoryOptimizer, "step", checked)
     return selections
+
+
+@pytest.fixture
+def block_runs():
+    """`block_runs(model, block)`: a list that grows by one each time decoder block `block` of `model` runs (until
+    the test ends)."""
+    hooks = []
+
+    def hooked(model, block: int) -> list[int]:
+        runs = []
+        hooks.append(decoder_layers(model)[block].register_forward_pre_hook(lambda module, args: runs.append(1)))
+        return runs
+
+    yield hooked
+    for hook in hooks:
+        hook.remove()

@@ -351,23 +351,23 @@ def test_training_with_negatives_lowers_the_answer_for_other_subjects(tiny):
     assert contrasted[1] < 0.5 * plain[1]  # "The capital of Lamesia is" -> "Quellport"
 
 
-def _block_calls(model, block: int) -> list[int]:
-    """A list that grows by one each time decoder block `block` runs."""
-    calls = []
-    decoder_layers(model)[block].register_forward_pre_hook(lambda module, args: calls.append(1))
-    return calls
-
-
-def test_sparse_training_starts_at_the_first_memory_block_and_learns_the_same(tiny):
+def _with_and_without_reuse(tiny, block_runs, config: TrainConfig) -> tuple:
+    """(model, history, runs of block 0) trained without and then with the lower blocks' states reused."""
     model, tokenizer, background = tiny
-    runs = {}
+    runs = []
     for reuse in (False, True):
         copied = copy.deepcopy(model)
-        below = _block_calls(copied, 0)
-        config = TrainConfig(steps=6, batch_size=4, reuse_lower_blocks=reuse, pack=False)  # padded: bit for bit
-        trained, history = train(copied, tokenizer, FACTS, config, background=background, progress=False)
-        runs[reuse] = trained, history, len(below)
-    (plain, plain_history, plain_calls), (reused, history, calls) = runs[False], runs[True]
+        below = block_runs(copied, 0)
+        trained, history = train(copied, tokenizer, FACTS, dataclasses.replace(config, reuse_lower_blocks=reuse),
+                                 background=background, progress=False)
+        runs.append((trained, history, len(below)))
+    return tuple(runs)
+
+
+def test_sparse_training_starts_at_the_first_memory_block_and_learns_the_same(tiny, block_runs):
+    config = TrainConfig(steps=6, batch_size=4, pack=False)  # padded: bit for bit
+    (plain, plain_history, plain_calls), (reused, history, calls) = _with_and_without_reuse(tiny, block_runs, config)
+    model = tiny[0]
     assert first_memory_block(model) == 1
     assert plain_calls == 6 and calls == 1  # once for every sentence's prefix, never during the steps
     torch.testing.assert_close(history.loss, plain_history.loss)
@@ -376,16 +376,10 @@ def test_sparse_training_starts_at_the_first_memory_block_and_learns_the_same(ti
     assert len(decoder_layers(reused)) == len(decoder_layers(model))  # every block is back after training
 
 
-def test_finetuning_the_memory_blocks_mlps_trains_them_alone_and_starts_at_their_block(tiny):
-    model, tokenizer, _ = tiny
-    runs = {}
-    for reuse in (False, True):
-        copied = copy.deepcopy(model)
-        below = _block_calls(copied, 0)
-        config = TrainConfig(method="full_ft", dense_scope="memory_mlps", steps=4, batch_size=4, lr=1e-2,
-                             reuse_lower_blocks=reuse, pack=False)
-        runs[reuse] = (*train(copied, tokenizer, FACTS, config, progress=False), len(below))
-    (plain, plain_history, plain_calls), (reused, history, calls) = runs[False], runs[True]
+def test_finetuning_the_memory_blocks_mlps_trains_them_alone_and_starts_at_their_block(tiny, block_runs):
+    config = TrainConfig(method="full_ft", dense_scope="memory_mlps", steps=4, batch_size=4, lr=1e-2, pack=False)
+    (plain, plain_history, plain_calls), (reused, history, calls) = _with_and_without_reuse(tiny, block_runs, config)
+    model = tiny[0]
     assert plain_calls == 4 and calls == 1  # the lower blocks ran once per sentence, not at each step
     torch.testing.assert_close(history.loss, plain_history.loss)
     blocks, trained = decoder_layers(model), {f"layers.{m.layer_index}.mlp.mlp." for m in memory_layers(model)}
