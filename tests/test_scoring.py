@@ -23,7 +23,7 @@ def _sparse_copy(base):
     return model
 
 
-def test_scores_from_the_first_memory_block_equal_a_full_forwards(tiny_ready, block_runs):
+def test_scores_from_the_first_memory_block_equal_those_of_a_full_forward(tiny_ready, block_runs):
     base, tokenizer, _ = tiny_ready
     model = _sparse_copy(base)
     full = score_texts(model, tokenizer, TEXTS, reference=base)
