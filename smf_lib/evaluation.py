@@ -27,7 +27,7 @@ def contains_answer(completion: str, answers: Sequence[str]) -> bool:
 
 
 @torch.no_grad()
-def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
+def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 128) -> list[str]:
     """Greedy completions of `prompts`, batched with left padding, in the order given."""
     if not prompts:
         return []
@@ -55,6 +55,16 @@ def hit_rate(completions: Sequence[str], answers: Sequence[str]) -> float:
     """Share of completions that contain their answer (whole words, case-insensitive)."""
     hits = [contains_answer(c, [a]) for c, a in zip(completions, answers)]
     return sum(hits) / max(len(hits), 1)
+
+
+def recall_by_format(facts: Sequence[Fact], completions: Sequence[str]) -> dict[str, float]:
+    """Held-out recall per prompt format, from one completion per held-out prompt of `facts` in order (facts
+    without formats count as "question")."""
+    hits: dict[str, list[bool]] = {}
+    answers = [(fmt, f.answer) for f in facts for fmt in (f.heldout_formats or ("question",) * len(f.heldout))]
+    for (fmt, answer), completion in zip(answers, completions):
+        hits.setdefault(fmt, []).append(contains_answer(completion, [answer]))
+    return {fmt: sum(h) / len(h) for fmt, h in hits.items()}
 
 
 def recall(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], max_new_tokens: int = 8) -> float:

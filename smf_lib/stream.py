@@ -284,7 +284,7 @@ def run_stream(profile: str | Profile | None = None, methods: Sequence[str] = ST
                          "MemoryConfig(fit_gates=N), do fit).")
     out = Path(out or Path("results") / f"stream-{profile.name}")
     started = time.perf_counter()
-    setup = prepare(profile, split, seed=seed, progress=progress)
+    setup = prepare(profile, split, seed=seed, progress=progress, full_base=False)  # scored as rounds are
     parts = split_rounds(setup.facts, rounds)
     summary = new_stream_summary(setup, parts, seed, tuning)
     summary |= {"locked_rounds": lock, "independent_rounds": independent, "patch_precision": precision,

@@ -12,7 +12,7 @@ from smf_lib.__main__ import main
 from smf_lib.data import load_facts
 from smf_lib.experiment import evaluate, prepare, train_method
 from smf_lib.patches import apply_patch, lock_patch, make_patch, quantize_patch
-from smf_lib.retrofit import memory_layers
+from smf_lib.retrofit import MemoryMLP, memory_layers
 from smf_lib.stream import (
     ROUND_DROPOUT,
     STREAM_GATES,
@@ -164,6 +164,13 @@ def test_rounds_stop_on_recall_checks_alone(streamed):
                        progress=False)
     assert [set(c) for c in run.checkpoints[1:]] == [{"step", "fact_recall"}] * 2  # no forgetting figures
     assert [c["step"] for c in run.checkpoints] == [0, 2, 4]
+
+
+def test_dense_methods_do_not_read_the_memory_that_learned_nothing(streamed):
+    setup, _, _ = streamed
+    run = train_method(setup, "full_ft", HYPERS["full_ft"], max_steps=2, recall_only=True, progress=False)
+    muted = [w.muted for m in (run.model, setup.model) for w in m.modules() if isinstance(w, MemoryMLP)]
+    assert muted == [True] * 2 + [False] * 2  # the trained copy's two layers, not the setup's
 
 
 def test_backward_transfer_is_the_mean_change_of_earlier_rounds():
