@@ -57,16 +57,6 @@ def hit_rate(completions: Sequence[str], answers: Sequence[str]) -> float:
     return sum(hits) / max(len(hits), 1)
 
 
-def recall_by_format(facts: Sequence[Fact], completions: Sequence[str]) -> dict[str, float]:
-    """Held-out recall per prompt format, from one completion per held-out prompt of `facts` in order (facts
-    without formats count as "question")."""
-    hits: dict[str, list[bool]] = {}
-    answers = [(fmt, f.answer) for f in facts for fmt in (f.heldout_formats or ("question",) * len(f.heldout))]
-    for (fmt, answer), completion in zip(answers, completions):
-        hits.setdefault(fmt, []).append(contains_answer(completion, [answer]))
-    return {fmt: sum(h) / len(h) for fmt, h in hits.items()}
-
-
 def recall(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], max_new_tokens: int = 8) -> float:
     """Share of prompts whose greedy completion contains its answer."""
     return hit_rate(complete(model, tokenizer, prompts, max_new_tokens), answers)

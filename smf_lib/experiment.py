@@ -27,7 +27,6 @@ from .evaluation import (
     heldout_scores,
     hit_rate,
     known_correct,
-    recall_by_format,
     score_texts,
 )
 from .gates import fit_gates, practice_facts
@@ -36,10 +35,10 @@ from .models import default_device, load_base_model
 from .pipeline import prepare_memory
 from .profiles import Profile, get_profile
 from .report import at_matched_recall, combine_seeds, write_results
-from .retrofit import MemoryConfig, memory_layers, mute_silent_memory, retrofit
+from .retrofit import MemoryConfig, memory_layers, retrofit
 from .stats import SlotStats, collect_background
 from .timing import peak_memory_mb, reset_peak_memory
-from .training import DENSE_METHODS, METHODS, train
+from .training import METHODS, train
 
 DEFAULT_METHODS = ("smf_kl", "smf_tfidf", "full_ft", "lora")
 # A known fact is firmly known when the base model's answer loss is at most this (nats per answer token, a mean
@@ -56,7 +55,7 @@ class Setup:
     model: torch.nn.Module
     tokenizer: object
     facts: list[Fact]
-    known: list[KnownFact]  # the split's known facts the retrofitted model answers: the ones it can forget
+    known: list[KnownFact]  # the split's known facts that the retrofitted model answers: the ones it can forget
     heldout: list[str]
     background: SlotStats
     base: dict
@@ -94,7 +93,7 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     `memory` replaces the profile's memory configuration (its seed is set to `seed`); `augment` adds that many
     wordings (augment.py) to each fact's training sentences. Step 0 is scored on the retrofitted model: the base
     model's function in additive mode, the healed memory's in replace mode (`Setup.heal`: what healing cost);
-    without `full_base`, as a checkpoint scores (one held-out prompt per fact; no neighbours, gains or KL).
+    without `full_base`, as at a checkpoint (one held-out prompt per fact; no neighbours, gains or KL).
     """
     profile = get_profile(profile)
     model, tokenizer = load_base_model(profile.model, seed=seed)
@@ -134,10 +133,9 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     setup.known = [k for k, ok in zip(known_all, known_ok) if ok]
     setup.unknown = [k for k, ok in zip(known_all, known_ok) if not ok]
     setup.base_known_nll = known_nll[torch.tensor(known_ok, dtype=torch.bool)]
-    setup.base = {"paraphrase_recall_sampled": step0["paraphrase_recall"], **step0,
+    setup.base = {"paraphrase_recall_sampled": step0["paraphrase_recall"], **step0,  # full: its own
                   "known_answer_nll": _share(setup.base_known_nll.tolist()),
-                  "heldout_ppl": setup.base_texts.perplexity,
-                  "known_fact_acc": sum(known_ok) / max(len(known_ok), 1),
+                  "heldout_ppl": setup.base_texts.perplexity, "known_fact_acc": sum(known_ok) / max(len(known_ok), 1),
                   "known_facts_total": len(known_all), "known_facts_kept_by_base": len(setup.known),
                   "known_facts_firm": int((setup.base_known_nll <= FIRM_ANSWER_NLL).sum())}
     return replace(setup, heal=heal_info)
@@ -189,7 +187,7 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool, graded: bool = Tru
         sampled = [start + i % len(f.heldout) for i, (start, f) in enumerate(zip(starts, facts))]  # as at checkpoints
         scores["paraphrase_recall_sampled"] = _share(contains_answer(questions[j], [heldout[j][1]]) for j in sampled)
         scores["answer_bleed_pct"] = 100 * _share(contains_answer(c, trained) for c in unchanged)
-        scores["paraphrase_by_format"] = recall_by_format(facts, questions)
+        scores["paraphrase_by_format"] = _by_format(facts, questions)
         gained = sum(contains_answer(c, k.answers()) for c, k in zip(missed, unknown))
         # Near ties flip both ways under any change: gains beside losses, in units of the facts the base answers.
         scores["known_fact_gain_pct"] = 100 * gained / max(len(setup.known), 1)
@@ -201,6 +199,16 @@ def _known_nll(setup: Setup, model: torch.nn.Module) -> torch.Tensor:
     """Each known fact's answer loss: forgetting graded, before answers flip."""
     known = setup.known
     return answer_nll(model, setup.tokenizer, [k.prompt for k in known], [k.answer for k in known])
+
+
+def _by_format(facts: Sequence[Fact], completions: Sequence[str]) -> dict[str, float]:
+    """Held-out recall per prompt format (facts without formats count as "question")."""
+    hits: dict[str, list[bool]] = {}
+    answers = [(fmt, f.answer) for f in facts
+               for fmt in (f.heldout_formats or ("question",) * len(f.heldout))]
+    for (fmt, answer), completion in zip(answers, completions):
+        hits.setdefault(fmt, []).append(contains_answer(completion, [answer]))
+    return {fmt: _share(h) for fmt, h in hits.items()}
 
 
 def _share(hits) -> float:
@@ -316,8 +324,6 @@ def train_method(setup: Setup, method: str, hyper: dict, max_steps: int | None =
     start = time.perf_counter()
     home = next(setup.model.parameters()).device
     model = copy.deepcopy(setup.model.to("cpu")).to(home)  # never two copies on the GPU
-    if method in DENSE_METHODS:
-        mute_silent_memory(model)  # it adds zero: the same scores without its reads
     arrange = arrange or (lambda model, training: None)
     arrange(model, True)
     try:

@@ -86,12 +86,9 @@ class MemoryMLP(nn.Module):
         self.mlp = mlp if mode == "additive" else None
         self.replaced_mlp = [mlp] if mode == "replace" else []  # kept outside the state dict, for undoing
         self.memory, self.mode, self.layer_index = memory, mode, layer_index
-        self.muted = False  # memory not read (`mute_silent_memory`)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """`mlp(x) + memory(x)` in additive mode (`mlp(x)` once muted), `memory(x)` in replace mode."""
-        if self.muted:
-            return self.mlp(x, *args, **kwargs)
+        """`mlp(x) + memory(x)` in additive mode, `memory(x)` in replace mode."""
         out = self.memory(x)
         return out if self.mlp is None else self.mlp(x, *args, **kwargs) + out
 
@@ -109,18 +106,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def memory_layers(model: nn.Module) -> list[ProductKeyMemory]:
     """The model's memory layers, in depth order (each knows its `layer_index`)."""
     return [m.memory for m in model.modules() if isinstance(m, MemoryMLP)]
-
-
-def mute_silent_memory(model: nn.Module) -> bool:
-    """Stop reading `model`'s memory layers (in place) if every one is additive and all its value rows are zero;
-    return whether it did. Such a memory adds exactly zero to its block's output and to every gradient, so the
-    model computes the same function bit for bit without the reads: dense finetuning never trains the memory."""
-    wrappers = [m for m in model.modules() if isinstance(m, MemoryMLP)]
-    if not wrappers or any(w.mode != "additive" or w.memory.values.weight.any() for w in wrappers):
-        return False
-    for wrapper in wrappers:
-        wrapper.muted = True
-    return True
 
 
 def memory_config(model: nn.Module) -> MemoryConfig:

@@ -1,7 +1,6 @@
 """retrofit(): function-preserving, generic over decoder architectures, trainable memory only, and safe to
 save/load."""
 
-import copy
 import json
 from dataclasses import asdict
 
@@ -19,7 +18,6 @@ from smf_lib.retrofit import (
     load_memory,
     memory_config,
     memory_layers,
-    mute_silent_memory,
     retrofit,
     save_memory,
 )
@@ -124,36 +122,6 @@ def test_replace_mode_changes_the_function():
     diff = max_logit_diff(model, lambda m: retrofit(m, MemoryConfig(mode="replace", layers=(2,), **SMALL)))
     assert diff > 1e-3
     assert decoder_layers(model)[2].mlp.mlp is None
-
-
-def test_a_silent_memory_is_muted_with_the_same_logits_and_gradients_bit_for_bit():
-    model = retrofit(tiny(), MemoryConfig(layers=(1, 3), **SMALL))
-    muted = copy.deepcopy(model)
-    assert mute_silent_memory(muted)
-    reads = []
-    for memory in memory_layers(muted):
-        memory.register_forward_hook(lambda *args: reads.append(1))
-    ids = token_batch(model.config.vocab_size)
-    outputs = []
-    for m in (model, muted):
-        for name, p in m.named_parameters():
-            p.requires_grad_("memory" not in name)  # as dense finetuning trains them
-        out = m(ids, labels=ids)
-        out.loss.backward()
-        outputs.append((out.logits, [p.grad for p in m.parameters() if p.requires_grad]))
-    (logits, grads), (muted_logits, muted_grads) = outputs
-    assert not reads and torch.equal(logits, muted_logits)
-    assert len(grads) == len(muted_grads) and all(torch.equal(a, b) for a, b in zip(grads, muted_grads))
-
-
-def test_a_memory_that_holds_anything_or_replaces_the_mlp_is_not_muted():
-    written = retrofit(tiny(), MemoryConfig(layers=(1, 3), **SMALL))
-    with torch.no_grad():
-        memory_layers(written)[1].values.weight[5, 0] = 1e-3
-    replaced = retrofit(tiny(), MemoryConfig(mode="replace", layers=(2,), **SMALL))
-    for model in (written, replaced, tiny()):
-        assert not mute_silent_memory(model)
-    assert not any(w.muted for m in (written, replaced) for w in m.modules() if hasattr(w, "muted"))
 
 
 def trained_memory_file(tmp_path):
