@@ -133,7 +133,7 @@ def prepare(profile: str | Profile | None = None, split: str = "test", facts_pat
     setup.known = [k for k, ok in zip(known_all, known_ok) if ok]
     setup.unknown = [k for k, ok in zip(known_all, known_ok) if not ok]
     setup.base_known_nll = known_nll[torch.tensor(known_ok, dtype=torch.bool)]
-    setup.base = {"paraphrase_recall_sampled": step0["paraphrase_recall"], **step0,  # full: its own
+    setup.base = {"paraphrase_recall_sampled": step0["paraphrase_recall"], **step0,  # full scores sample their own
                   "known_answer_nll": _share(setup.base_known_nll.tolist()),
                   "heldout_ppl": setup.base_texts.perplexity, "known_fact_acc": sum(known_ok) / max(len(known_ok), 1),
                   "known_facts_total": len(known_all), "known_facts_kept_by_base": len(setup.known),
@@ -153,7 +153,8 @@ def _retrofit_and_heal(model: torch.nn.Module, tokenizer, texts: Sequence[str], 
     record = {"ppl_base": score_texts(model, tokenizer, heldout).perplexity, "known_fact_acc_base": known_acc()}
     retrofit(model, config)
     record["ppl_before"] = score_texts(model, tokenizer, heldout).perplexity
-    result = heal(model, tokenizer, [t for t in texts if t not in heldout], healing, progress)
+    measured = set(heldout)
+    result = heal(model, tokenizer, [t for t in texts if t not in measured], healing, progress)
     record.update(ppl_after=score_texts(model, tokenizer, heldout).perplexity, known_fact_acc_after=known_acc(),
                   **result.as_dict())
     return collect_background(model, tokenizer, texts, progress=progress, positions=background_on), record
@@ -197,8 +198,7 @@ def _scores(setup: Setup, model: torch.nn.Module, full: bool, graded: bool = Tru
 
 def _known_nll(setup: Setup, model: torch.nn.Module) -> torch.Tensor:
     """Each known fact's answer loss: forgetting graded, before answers flip."""
-    known = setup.known
-    return answer_nll(model, setup.tokenizer, [k.prompt for k in known], [k.answer for k in known])
+    return answer_nll(model, setup.tokenizer, [k.prompt for k in setup.known], [k.answer for k in setup.known])
 
 
 def _by_format(facts: Sequence[Fact], completions: Sequence[str]) -> dict[str, float]:
