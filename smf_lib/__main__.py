@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="take each earlier round's patch out at a training step with probability P "
                              "(default 0.5 with locked rounds, else 0)")
     stream.add_argument("--seed", type=int, default=0, help="seed of the memory, its gates and training (default 0)")
+    stream.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="training's arithmetic (default auto: bf16 where the CPU or GPU has it natively, "
+                             "else fp32); scoring is fp32")
     bench.add_argument("--out", default=None, help="output file (default results/bench-<profile>.json)")
     return parser
 
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_stream(run_stream(profile, args.methods, args.rounds, args.out, lock=not args.share_rows,
                                            round_dropout=args.round_dropout, facts_per_round=args.facts_per_round,
-                                           fit_gates=args.fit_gates, seed=args.seed)))
+                                           fit_gates=args.fit_gates, seed=args.seed,
+                                           train_in=args.precision)))
             print(f"Results written to {args.out or f'results/stream-{profile}/'}")
         else:
             from .bench import format_table, run_bench

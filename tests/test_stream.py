@@ -24,6 +24,7 @@ from smf_lib.stream import (
     score_rounds,
     split_rounds,
     stream_method,
+    train_precision,
 )
 from smf_lib.stream_report import backward_transfer, format_stream
 
@@ -197,10 +198,21 @@ def test_bad_rounds_fail_with_a_clear_error(option, message, capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_the_command_line_takes_the_seed(tmp_path):
-    args = ["--methods", "smf_kl", "--rounds", "2", "--facts-per-round", "1", "--fit-gates", "0", "--seed", "3"]
+def test_the_command_line_takes_the_seed_and_the_precision(tmp_path):
+    args = ["--methods", "smf_kl", "--rounds", "2", "--facts-per-round", "1", "--fit-gates", "0", "--seed", "3",
+            "--precision", "fp32"]
     assert main(["stream", "--profile", "tiny", *args, "--out", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "summary.json").read_text())["seed"] == 3
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seed"] == 3 and summary["train_precision"] == "fp32"
+    assert summary["methods"]["smf_kl"]["hyper"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "auto")])
+def test_auto_precision_trains_in_bf16_only_where_the_cpu_has_it(native, expected, monkeypatch):
+    monkeypatch.setattr("smf_lib.stream._cpu_has_bf16", lambda: native)
+    monkeypatch.setattr("smf_lib.stream.default_device", lambda: torch.device("cpu"))
+    assert train_precision("auto") == expected  # the trainer's "auto" is fp32 on a CPU
+    assert train_precision("fp32") == "fp32" and train_precision("bf16") == "bf16"
 
 
 def test_a_stream_with_trained_gates_is_refused_before_anything_loads(tmp_path):
@@ -211,7 +223,8 @@ def test_a_stream_with_trained_gates_is_refused_before_anything_loads(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ({"lock": False, "independent": True}, "need locked rounds"), ({"lock": False, "round_dropout": 0.5}, "locked"),
-    ({"independent": True, "round_dropout": 0.5}, "does not combine"), ({"round_dropout": 1.5}, r"in \[0, 1\]")])
+    ({"independent": True, "round_dropout": 0.5}, "does not combine"), ({"round_dropout": 1.5}, r"in \[0, 1\]"),
+    ({"train_in": "fp16"}, "--precision must be one of auto, fp32, bf16")])
 def test_rounds_that_cannot_be_taken_apart_are_refused_before_anything_loads(options, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         run_stream("tiny", ["smf_kl"], rounds=2, out=tmp_path, hypers=HYPERS, progress=False, **options)
