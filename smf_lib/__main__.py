@@ -10,6 +10,7 @@ import sys
 from .experiment import DEFAULT_METHODS
 from .models import ModelNotAvailableError
 from .profiles import PROFILES, default_profile
+from .stream import TRAIN_PRECISIONS
 from .training import METHODS
 
 
@@ -87,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="take each earlier round's patch out at a training step with probability P "
                              "(default 0.5 with locked rounds, else 0)")
     stream.add_argument("--seed", type=int, default=0, help="seed of the memory, its gates and training (default 0)")
-    stream.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    stream.add_argument("--precision", choices=TRAIN_PRECISIONS, default="auto",
                         help="training's arithmetic (default auto: bf16 where the CPU or GPU has it natively, "
                              "else fp32); scoring is fp32")
     bench.add_argument("--out", default=None, help="output file (default results/bench-<profile>.json)")

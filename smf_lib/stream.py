@@ -51,7 +51,7 @@ ROUND_DROPOUT = 0.5
 STREAM_GATES = 150
 STREAM_LOCALITY = 1.0
 # Training's arithmetic: "auto" takes bf16 where the hardware computes it natively, where a step of full finetuning
-# or LoRA takes about 0.64 of fp32's time and one of SMF-KL 0.77 (2026-12-07); scoring stays fp32 either way.
+# or LoRA takes 0.63-0.65 of fp32's time and one of SMF-KL 0.77 (2026-12-07); scoring stays fp32 either way.
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 BASE_KEYS = ("fact_recall", "paraphrase_recall", "heldout_ppl", "known_fact_acc")
 
