@@ -28,6 +28,7 @@ DENSE_METHODS = ("full_ft", "lora")
 METHODS = SPARSE_METHODS + DENSE_METHODS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DENSE_SCOPES = ("all", "memory_mlps")  # full finetuning: every base parameter, or the MLPs beside the memory
+LOSS_ON = ("all", "answer", "not_subject")
 LOCALITY_TOKENS = 1024  # background tokens sampled per step for the locality term
 DEFAULT_LR = {"smf_kl": 3.0, "smf_tfidf": 3.0, "smf_random": 3.0, "full_ft": 3e-5, "lora": 3e-4}
 
@@ -43,7 +44,7 @@ class TrainConfig:
     optimizer: str = "adam"          # sparse methods: one of optim.RULES, "adam" (row-wise Adam/AdamW) by default
     weight_decay: float = 0.0
     top_t: int = 500                 # value rows per memory layer per step
-    loss_on: str = "all"             # "all": loss on every token; "answer": on the answer tokens only
+    loss_on: str = "all"             # one of LOSS_ON: every token, the answer's, or all but the subject's
     loss_floor: float = 0.0          # tokens predicted with a loss below this (nats) give no gradient
     count_on: str = "entities"       # slots counted at the subject and inside the answer; see counted_positions
     write_on: str = "read"           # sparse methods: rows learn from all their reads, or only at counted positions
@@ -64,8 +65,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        if self.optimizer not in RULES or self.loss_on not in ("answer", "all"):
-            raise ValueError(f"optimizer must be one of {', '.join(RULES)}; loss_on must be 'answer' or 'all'.")
+        if self.optimizer not in RULES or self.loss_on not in LOSS_ON:
+            raise ValueError(f"optimizer must be one of {', '.join(RULES)}; loss_on one of {', '.join(LOSS_ON)}.")
         for name in ("locality", "gate_lr", "row_dropout"):
             value = getattr(self, name)
             if value < 0 or (value and self.method not in SPARSE_METHODS):
@@ -110,7 +111,7 @@ class History:
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_on: str, floor: float = 0.0,
                    negatives: float = 0.0, pack: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token loss over the trained tokens of the positive sentences, and how many tokens that is.
+    """Summed next-token loss over the positive sentences' tokens that `loss_on` trains, and how many there are.
 
     A token already predicted with a loss below `floor` gives no gradient (the clamp's): training stops pushing what
     it has learned, so the weights move no further than learning needs. In a negative sentence only the answer's
@@ -120,6 +121,8 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_
     """
     negative = negative_rows(batch)
     trained = predicting(batch["answer"] if loss_on == "answer" else batch["attention_mask"]) & ~negative
+    if loss_on == "not_subject":  # a question names its subject: spelling a made-up one is not the fact
+        trained &= ~predicting(batch["subject"])
     losses = token_losses(model, batch, pack)
     unlikely = _unlikelihood(losses, batch["answer"], negative) if negatives else 0.0
     if floor:
@@ -155,8 +158,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, background: Slot
                                           write_on=config.write_on, gate_lr=config.gate_lr,
                                           row_dropout=config.row_dropout)
         return model, optimizer, sum(p.numel() for p in model.parameters() if p.requires_grad)  # tables (and gates)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -237,9 +239,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                config: TrainConfig, accelerator: Accelerator, scaler: torch.amp.GradScaler | None = None) -> float:
     """One training step on a collated batch (this process's share of it); returns the batch's mean token loss.
 
-    The loss is the mean over the whole batch across processes (the negatives' unlikelihood, if any, is added
-    before dividing by the positive tokens); DDP averages gradients, so the local sum is scaled by the number of
-    processes. The forward runs under autocast as `autocast_dtype` says; `scaler` scales the loss of an fp16 step.
+    The loss is the batch's mean token loss across processes; DDP averages gradients, so the local sum is scaled by
+    the number of processes. The forward runs under autocast (`autocast_dtype`); `scaler` scales an fp16 step's loss.
     """
     if isinstance(optimizer, SparseMemoryOptimizer):
         positions = counted_positions(batch, config.count_on)
@@ -373,8 +374,7 @@ def train(
     model = accelerator.unwrap_model(model)
     if config.method == "lora":
         model = model.merge_and_unload()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     return model, history
 
 

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from smf_lib.analysis import gate_openness
 from smf_lib.batches import Example, answer_tokens, build_examples, collate, counted_positions
 from smf_lib.data import load_facts
-from smf_lib.losses import next_token_losses
+from smf_lib.losses import next_token_losses, predicting
 from smf_lib.optim import SparseMemoryOptimizer
 from smf_lib.prefix import block_inputs, first_memory_block
 from smf_lib.retrofit import decoder_layers, memory_layers
@@ -315,6 +315,22 @@ def test_a_negative_sentence_adds_the_unlikelihood_of_its_answer_and_counts_no_s
         assert counted_positions(batch, count_on)[0].any() and not counted_positions(batch, count_on)[1].any()
     with pytest.raises(ValueError, match="negatives must be a loss weight"):
         TrainConfig(negatives=-1.0)
+
+
+def test_loss_on_not_subject_leaves_out_the_tokens_that_spell_the_subject(tiny):
+    """With loss_on="not_subject" the positions that predict a subject token give no loss; every other one does."""
+    model, tokenizer, _ = tiny
+    batch, length = _negative_pair(tokenizer)
+    positive = {key: value[:1, :length] if value.dim() == 2 else value[:1] for key, value in batch.items()}
+    spelled = int(positive["subject"].sum())
+    with torch.no_grad():
+        losses = next_token_losses(model(input_ids=positive["input_ids"]).logits, positive["input_ids"])[0]
+        total, n = token_loss_sum(model, positive, "not_subject")
+    kept = ~predicting(positive["subject"])[0, : length - 1]
+    assert spelled >= 1 and n == length - 1 - spelled
+    assert total.item() == pytest.approx(float(losses[: length - 1][kept].sum()), rel=1e-5)
+    with pytest.raises(ValueError, match="loss_on one of all, answer, not_subject"):
+        TrainConfig(loss_on="subject")
 
 
 def test_negatives_add_a_twin_about_a_made_up_subject_and_keep_the_batches(tiny):
