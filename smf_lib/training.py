@@ -122,7 +122,7 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_
     negative = negative_rows(batch)
     trained = predicting(batch["answer"] if loss_on == "answer" else batch["attention_mask"]) & ~negative
     if loss_on == "not_subject":  # a question names its subject: spelling a made-up one is not the fact
-        trained &= ~predicting(batch["subject"])
+        trained &= ~predicting(batch["subject"] & ~batch["answer"])  # an answer that names the subject is learned
     losses = token_losses(model, batch, pack)
     unlikely = _unlikelihood(losses, batch["answer"], negative) if negatives else 0.0
     if floor:

@@ -329,6 +329,12 @@ def test_loss_on_not_subject_leaves_out_the_tokens_that_spell_the_subject(tiny):
     kept = ~predicting(positive["subject"])[0, : length - 1]
     assert spelled >= 1 and n == length - 1 - spelled
     assert total.item() == pytest.approx(float(losses[: length - 1][kept].sum()), rel=1e-5)
+    named = dataclasses.replace(FACTS[0], answer="Zorvania City", train=("The capital of Zorvania is Zorvania City.",),
+                                extra={"subject": "Zorvania"})
+    own = collate(build_examples([named], tokenizer), 0, torch.device("cpu"))
+    with torch.no_grad():
+        trained = token_loss_sum(model, own, "not_subject")[1]
+    assert trained == own["input_ids"].shape[1] - 1 - int((own["subject"] & ~own["answer"]).sum())
     with pytest.raises(ValueError, match="loss_on one of all, answer, not_subject"):
         TrainConfig(loss_on="subject")
 
