@@ -44,7 +44,7 @@ class TrainConfig:
     optimizer: str = "adam"          # sparse methods: one of optim.RULES, "adam" (row-wise Adam/AdamW) by default
     weight_decay: float = 0.0
     top_t: int = 500                 # value rows per memory layer per step
-    loss_on: str = "all"             # one of LOSS_ON: every token, the answer's, or all but the subject's
+    loss_on: str = "not_subject"     # LOSS_ON: every token but the subject's (a question names it), "all", "answer"
     loss_floor: float = 0.0          # tokens predicted with a loss below this (nats) give no gradient
     count_on: str = "entities"       # slots counted at the subject and inside the answer; see counted_positions
     write_on: str = "read"           # sparse methods: rows learn from all their reads, or only at counted positions
