@@ -38,7 +38,7 @@ def fit_gates(model: torch.nn.Module, tokenizer, facts: Sequence[Fact], backgrou
     the gates in `model` and nothing else; return what was done.
 
     `config` (e.g. the profile's) supplies the batch size, counting positions and the like; the rates, locality
-    weight and method are `FIT_SETTINGS`. The model's function is unchanged: its value rows stay as they were.
+    weight, loss and method are `FIT_SETTINGS`. The model's function is unchanged: its value rows stay as they were.
     """
     if not memory_layers(model):
         raise ValueError("fit_gates needs a retrofitted model: call prepare_memory(model, ...) first.")
