@@ -25,8 +25,9 @@ from .training import DEFAULT_LR, DENSE_METHODS
 
 def candidates(profile: Profile, method: str, mode: str = "additive") -> list[dict]:
     """The settings tried for a method: the profile's learning rates (for the memory's `mode`), and for the dense
-    baselines also the loss on the answer tokens only (it may forget less than the loss on every token)."""
-    losses = ("all", "answer") if method in DENSE_METHODS else (profile.train.loss_on,)
+    baselines each loss (every token, every token but the subject's, the answer's alone), since which forgets least
+    differs between them."""
+    losses = ("all", "not_subject", "answer") if method in DENSE_METHODS else (profile.train.loss_on,)
     grid = {**profile.run.lr_grid, **(profile.run.replace_lr_grid if mode == "replace" else {})}
     rates = grid.get(method, (DEFAULT_LR[method],))
     return [{"lr": lr, "loss_on": loss} for lr, loss in itertools.product(rates, losses)]

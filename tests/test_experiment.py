@@ -49,7 +49,7 @@ def test_tune_writes_every_method_with_its_table(tiny_run):
     tuned = json.loads((tiny_run / "tuned.json").read_text())
     assert set(tuned["methods"]) == {"smf_kl", "smf_tfidf", "full_ft", "lora"}
     assert {"date", "command", "table", "tune_fact_ids"} <= tuned.keys()
-    assert {r["loss_on"] for r in tuned["table"] if r["method"] == "full_ft"} == {"all", "answer"}
+    assert {r["loss_on"] for r in tuned["table"] if r["method"] == "full_ft"} == {"all", "not_subject", "answer"}
     test_ids = {f.id for f in load_facts(split="test")}
     assert tuned["tune_fact_ids"] and not set(tuned["tune_fact_ids"]) & test_ids
 
