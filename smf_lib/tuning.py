@@ -20,14 +20,14 @@ from .experiment import DEFAULT_METHODS, prepare, train_method
 from .files import write_json
 from .profiles import Profile, get_profile
 from .report import MATCHED_KEYS, at_matched_recall
-from .training import DEFAULT_LR, DENSE_METHODS
+from .training import DEFAULT_LR, DENSE_METHODS, LOSS_ON
 
 
 def candidates(profile: Profile, method: str, mode: str = "additive") -> list[dict]:
     """The settings tried for a method: the profile's learning rates (for the memory's `mode`), and for the dense
-    baselines each loss (every token, every token but the subject's, the answer's alone), since which forgets least
-    differs between them."""
-    losses = ("all", "not_subject", "answer") if method in DENSE_METHODS else (profile.train.loss_on,)
+    baselines every loss of `LOSS_ON` (every token, all but the subject's, the answer's alone), since which
+    forgets least differs between them."""
+    losses = LOSS_ON if method in DENSE_METHODS else (profile.train.loss_on,)
     grid = {**profile.run.lr_grid, **(profile.run.replace_lr_grid if mode == "replace" else {})}
     rates = grid.get(method, (DEFAULT_LR[method],))
     return [{"lr": lr, "loss_on": loss} for lr, loss in itertools.product(rates, losses)]
